@@ -1,0 +1,9 @@
+"""``python -m clusterexec``: the same as the ``clusterexec`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from clusterexec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,297 @@
+"""One client-side link to a node: connect, handshake, open the session, send, receive.
+
+A :class:`NodeLink` is driven by the client I/O thread and never blocks: ``connect`` starts a
+non-blocking connect, ``on_event`` advances the handshake as bytes arrive, and once the node's
+WELCOME is in the link is READY and hands decoded messages to the scheduler. Its state changes
+in one place, :meth:`NodeLink._set_state`.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import platform
+import selectors
+import socket
+import time
+from collections import OrderedDict
+from typing import Any
+
+import cloudpickle
+
+from clusterexec import __version__
+from clusterexec.channel import Channel, ConnectionClosed
+from clusterexec.errors import (
+    AuthenticationError,
+    ClusterError,
+    NodeUnreachableError,
+    ProtocolError,
+    VersionMismatchError,
+)
+from clusterexec.protocol import (
+    DEFAULT_MAX_FRAME,
+    SESSION,
+    WELCOME,
+    AeadOpener,
+    AeadSealer,
+    ClientHandshake,
+    Message,
+    RecordReader,
+    pack_json,
+    unpack_json,
+)
+from clusterexec.specs import NodeAddress
+
+log = logging.getLogger("clusterexec")
+
+
+class LinkState(enum.Enum):
+    """Where a link to a node is in its life."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    HANDSHAKING = "handshaking"
+    OPENING = "opening session"
+    READY = "ready"
+    LOST = "lost"
+    CLOSED = "closed"
+
+
+class SessionRequest:
+    """What the client asks of every node session: workers, initializer, heartbeats."""
+
+    def __init__(self, workers: int | None, max_tasks_per_child: int | None, heartbeat_interval: float, init: tuple[bytes, tuple[object, ...]] | None) -> None:
+        self.workers = workers
+        self.max_tasks_per_child = max_tasks_per_child
+        self.heartbeat_interval = heartbeat_interval
+        self.init = init
+
+    def message(self, workers: int | None) -> tuple[bytes, list[object]]:
+        """The SESSION message body and buffers for one node."""
+        body = pack_json(
+            {
+                "workers": workers,
+                "max_tasks_per_child": self.max_tasks_per_child,
+                "heartbeat_interval": self.heartbeat_interval,
+            }
+        )
+        buffers: list[object] = []
+        if self.init is not None:
+            buffers = [self.init[0], *self.init[1]]
+        return body, buffers
+
+
+class NodeLink:
+    """The client's connection to one node. Used only by the I/O thread."""
+
+    def __init__(
+        self,
+        address: NodeAddress,
+        key: bytes | None,
+        request: SessionRequest,
+        workers: int | None = None,
+        connect_timeout: float = 10.0,
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self.address = address
+        self.name = str(address)
+        self._key = key or b""
+        self._request = request
+        self._wanted_workers = workers
+        self.connect_timeout = connect_timeout
+        self.max_frame = max_frame
+        self.state = LinkState.IDLE
+        self.sock: socket.socket | None = None
+        self.channel: Channel | None = None
+        self._handshake: ClientHandshake | None = None
+        self._records = RecordReader(max_records=1)
+        self.deadline = 0.0
+        self.error: ClusterError | None = None
+        self.info: dict[str, object] = {}
+        self.workers = 0
+        self.inflight: dict[int, Any] = {}
+        self.functions: OrderedDict[bytes, int] = OrderedDict()
+        self.function_refs: dict[bytes, int] = {}
+        self.last_heard = 0.0
+        self.attempts = 0
+        self.retry_at = 0.0
+        self.lost_since = 0.0
+        self.tasks_done = 0
+
+    def _set_state(self, state: LinkState) -> None:
+        if state is not self.state:
+            log.info("node %s: %s -> %s", self.name, self.state.value, state.value)
+            self.state = state
+
+    # ------------------------------------------------------------------ connecting
+
+    def connect(self, now: float) -> None:
+        """Start a non-blocking connect. Errors end in the LOST state with ``error`` set."""
+        self.attempts += 1
+        self.error = None
+        self._records = RecordReader(max_records=1)
+        self.deadline = now + self.connect_timeout
+        try:
+            infos = socket.getaddrinfo(self.address.host, self.address.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            self._fail(NodeUnreachableError(f"node {self.name}: cannot resolve host {self.address.host!r} ({exc.strerror})"))
+            return
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        code = sock.connect_ex(addr)
+        if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self._fail(self._unreachable(code))
+            return
+        self._set_state(LinkState.CONNECTING)
+
+    def _unreachable(self, code: int) -> NodeUnreachableError:
+        if code == errno.ECONNREFUSED:
+            return NodeUnreachableError(
+                f"node {self.name} refused the connection; is `python -m clusterexec.node --port "
+                f"{self.address.port}` running on {self.address.host}?"
+            )
+        reason = errno.errorcode.get(code, str(code))
+        return NodeUnreachableError(f"node {self.name} is unreachable ({reason}); check the address and the network")
+
+    def interest(self) -> int:
+        """The selector events this link waits for."""
+        if self.state is LinkState.CONNECTING:
+            return selectors.EVENT_WRITE
+        if self.channel is not None and self.channel.wants_write:
+            return selectors.EVENT_READ | selectors.EVENT_WRITE
+        return selectors.EVENT_READ
+
+    def on_event(self, events: int, now: float) -> list[Message]:
+        """Advance the link on a selector event; return messages for the scheduler (READY only)."""
+        try:
+            if self.state is LinkState.CONNECTING:
+                self._on_connected()
+                return []
+            if self.state is LinkState.HANDSHAKING:
+                self._on_handshake_bytes()
+                return []
+            assert self.channel is not None
+            messages: list[Message] = []
+            if events & selectors.EVENT_READ:
+                messages = self.channel.read()
+                self.last_heard = now
+            if events & selectors.EVENT_WRITE:
+                self.channel.flush()
+            if self.state is LinkState.OPENING:
+                return self._on_opening(messages)
+            return messages
+        except ConnectionClosed as exc:
+            self._fail(self._closed_error(str(exc)))
+        except (ProtocolError, VersionMismatchError, AuthenticationError) as exc:
+            self._fail(type(exc)(f"node {self.name}: {exc}"))
+        except OSError as exc:
+            self._fail(NodeUnreachableError(f"node {self.name}: {exc.strerror or exc}"))
+        return []
+
+    def _closed_error(self, detail: str) -> ClusterError:
+        if self.state is LinkState.HANDSHAKING:
+            return AuthenticationError(
+                f"node {self.name} closed the connection during the handshake ({detail}); "
+                "check that the client and the node use the same key"
+            )
+        return NodeUnreachableError(f"node {self.name}: connection lost ({detail})")
+
+    def _on_connected(self) -> None:
+        assert self.sock is not None
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._fail(self._unreachable(code))
+            return
+        info = {"python": platform.python_version(), "clusterexec": __version__, "cloudpickle": cloudpickle.__version__}
+        self._handshake = ClientHandshake(self._key, info)
+        self.sock.sendall(self._handshake.hello())
+        self._set_state(LinkState.HANDSHAKING)
+
+    def _on_handshake_bytes(self) -> None:
+        assert self.sock is not None and self._handshake is not None
+        try:
+            data = self.sock.recv(8192)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            raise ConnectionClosed("closed by the node")
+        for rec in self._records.feed(data):
+            try:
+                proof = self._handshake.on_server_hello(rec)
+            except AuthenticationError as exc:
+                try:
+                    self.sock.sendall(self._handshake.failure_proof())
+                except OSError:
+                    pass
+                raise AuthenticationError(
+                    f"{exc}; check that key=/key_file= match the node's --key-file (or CLUSTEREXEC_KEY)"
+                ) from None
+            self.sock.sendall(proof)
+            keys = self._handshake.keys
+            assert keys is not None
+            self.info = dict(keys.peer_info)
+            self.channel = Channel(self.sock, AeadSealer(keys.send), AeadOpener(keys.recv), self.max_frame)
+            body, buffers = self._request.message(self._wanted_workers)
+            self.channel.send(SESSION, body, buffers)  # type: ignore[arg-type]
+            self._set_state(LinkState.OPENING)
+            leftover = self._records.leftover()
+            if leftover:
+                self._on_opening(self.channel.feed_initial(leftover))
+            self.channel.flush()
+            return
+
+    def _on_opening(self, messages: list[Message]) -> list[Message]:
+        for i, message in enumerate(messages):
+            if message.kind == WELCOME:
+                welcome = unpack_json(message.body)
+                self.info.update(welcome)
+                workers = welcome.get("workers")
+                self.workers = workers if isinstance(workers, int) and workers > 0 else 1
+                self.attempts = 0
+                self._set_state(LinkState.READY)
+                return messages[i + 1 :]
+        return []
+
+    # ------------------------------------------------------------------ life
+
+    def check_deadline(self, now: float) -> None:
+        """Fail a connect or handshake that ran past its deadline."""
+        if self.state in (LinkState.CONNECTING, LinkState.HANDSHAKING, LinkState.OPENING) and now >= self.deadline:
+            self._fail(
+                NodeUnreachableError(
+                    f"node {self.name} did not answer within {self.connect_timeout:g}s ({self.state.value}); "
+                    "check that a clusterexec node is listening there"
+                )
+            )
+
+    def lose(self, error: ClusterError) -> None:
+        """Declare the link lost with a reason (heartbeat timeout, protocol error...)."""
+        self._fail(error)
+
+    def _fail(self, error: ClusterError) -> None:
+        self.error = error
+        self._close_socket()
+        self.lost_since = time.monotonic()
+        self._set_state(LinkState.LOST)
+        log.warning("%s", error)
+
+    def _close_socket(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        elif self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.channel = None
+        self.sock = None
+        self._handshake = None
+
+    def close(self) -> None:
+        """Close the link for good (executor shutdown)."""
+        self._close_socket()
+        self._set_state(LinkState.CLOSED)

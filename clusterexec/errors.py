@@ -1,0 +1,70 @@
+"""Every exception class of clusterexec, under one base.
+
+Each message says which node, which task and what to do. Failures of the pool itself derive
+from ``concurrent.futures.process.BrokenProcessPool`` so that code written to catch
+``ProcessPoolExecutor``'s errors catches ours.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures.process import BrokenProcessPool
+
+
+class ClusterError(Exception):
+    """Base class of every error raised by clusterexec itself."""
+
+
+class ConfigurationError(ClusterError, ValueError):
+    """A malformed argument: a node address, a key, an option. The message names it."""
+
+
+class KeyFileError(ConfigurationError):
+    """A key file that is missing, empty or readable by others."""
+
+
+class ProtocolError(ClusterError):
+    """A peer sent bytes that do not follow the clusterexec wire protocol."""
+
+
+class AuthenticationError(ClusterError):
+    """The handshake with a node failed: wrong or missing key, or a tampered exchange."""
+
+
+class VersionMismatchError(ClusterError):
+    """The two sides speak incompatible protocol versions."""
+
+
+class NodeUnreachableError(ClusterError, ConnectionError):
+    """A node could not be reached (refused, timed out, name not resolved)."""
+
+
+class NodeLostError(ClusterError):
+    """A task's node was lost (connection closed or heartbeats stopped) too many times."""
+
+
+class BrokenCluster(ClusterError, BrokenProcessPool):
+    """The executor can no longer run tasks: every node is gone, or an initializer failed."""
+
+
+class WorkerCrashedError(ClusterError, BrokenProcessPool):
+    """The worker process running a task died (signal, ``os._exit``, out of memory).
+
+    Only that task fails; the node starts a replacement worker and the executor goes on.
+    """
+
+
+class RemoteError(ClusterError):
+    """A task raised an exception that could not be rebuilt on the client.
+
+    ``type_name`` is the remote exception's qualified type name, ``message`` its ``str()``
+    and ``remote_traceback`` the full remote traceback text.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        return (type(self), (self.type_name, self.message, self.remote_traceback))

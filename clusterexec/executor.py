@@ -1,0 +1,330 @@
+"""``ClusterExecutor``: the ``concurrent.futures.Executor`` API over clusterexec nodes.
+
+It behaves as ``ProcessPoolExecutor``, to the detail: ``submit``, ``map`` (with ``chunksize``,
+``timeout`` and ``buffersize``), ``shutdown(wait, cancel_futures)``, the context manager, and the
+same errors. Pickling happens in the calling thread; the scheduler's I/O thread does the rest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import types
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
+
+from clusterexec.connection import LinkState, NodeLink, SessionRequest
+from clusterexec.errors import AuthenticationError, BrokenCluster, NodeUnreachableError
+from clusterexec.keys import resolve_key
+from clusterexec.local import LocalNode
+from clusterexec.protocol import FLAG_CHUNK
+from clusterexec.scheduler import Scheduler, Task, TaskFuture
+from clusterexec.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
+from clusterexec.specs import NodeAddress, parse_nodes
+
+T = TypeVar("T")
+
+_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+_global_shutdown = False
+_global_lock = threading.Lock()
+
+
+def _python_exit() -> None:
+    """At interpreter exit, let every executor finish its pending work, as PPE does."""
+    global _global_shutdown
+    with _global_lock:
+        _global_shutdown = True
+    schedulers = list(_live)
+    for scheduler in schedulers:
+        scheduler.stop()
+    for scheduler in schedulers:
+        scheduler.join()
+
+
+try:
+    threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - Python without the private hook
+    import atexit
+
+    atexit.register(_python_exit)
+
+
+def _stop_scheduler(scheduler: Scheduler) -> None:
+    scheduler.stop()
+
+
+class ClusterExecutor(Executor):
+    """An Executor that runs calls on clusterexec worker nodes.
+
+    ``nodes`` is None (start local nodes), an int (that many local workers, like
+    ``ProcessPoolExecutor(4)``), one address or a list of addresses (``"host:port"``,
+    ``"[ipv6]:port"``, ``(host, port)``). ``max_workers`` is the number of local workers, or for
+    remote nodes the number of workers asked of the cluster (spread over the nodes).
+
+    The constructor blocks until every node has been tried once (at most ``connect_timeout``)
+    and raises if none can be used: :class:`~clusterexec.AuthenticationError` for a wrong key,
+    :class:`~clusterexec.NodeUnreachableError` otherwise. Nodes that fail while others work are
+    retried in the background. All methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        nodes: Any = None,
+        max_workers: int | None = None,
+        *,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_child: int | None = None,
+        key: str | bytes | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        retries: int = 3,
+        connect_timeout: float = 10.0,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        reconnect_window: float = 30.0,
+        mp_context: object = None,
+    ) -> None:
+        if isinstance(nodes, int) and not isinstance(nodes, bool):
+            if max_workers is not None:
+                raise TypeError("pass max_workers either as the first argument or by name, not both")
+            nodes, max_workers = None, nodes
+        if max_workers is not None:
+            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
+                raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        if retries < 0:
+            raise ValueError("retries must be 0 or more")
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._functions: weakref.WeakKeyDictionary[Callable[..., Any], FunctionPayload] = weakref.WeakKeyDictionary()
+        self._local: list[LocalNode] = []
+        init = None
+        if initializer is not None:
+            payload = dumps((initializer, tuple(initargs)))
+            init = (payload.body, payload.buffers)
+        request = SessionRequest(None, max_tasks_per_child, heartbeat_interval, init)
+        if nodes is None:
+            self._max_workers = max_workers or os.cpu_count() or 1
+            node = LocalNode(self._max_workers)
+            self._local.append(node)
+            addresses, node_key = [node.address], node.key
+            shares: list[int | None] = [self._max_workers]
+        else:
+            addresses = parse_nodes(nodes)
+            node_key = resolve_key(key, key_file)
+            shares = _spread(max_workers, len(addresses))
+            self._max_workers = max_workers or 0
+        links = [
+            NodeLink(address, node_key, request, share, connect_timeout)
+            for address, share in zip(addresses, shares)
+        ]
+        self._scheduler = Scheduler(
+            links,
+            retries=retries,
+            heartbeat_timeout=heartbeat_timeout,
+            reconnect_window=reconnect_window,
+            closers=[n.stop for n in self._local],
+        )
+        self._scheduler.start()
+        _live.add(self._scheduler)
+        self._finalizer = weakref.finalize(self, _stop_scheduler, self._scheduler)
+        self._scheduler.first_round.wait(connect_timeout + 5.0)
+        self._check_connected(links)
+        if nodes is not None and not self._max_workers:
+            self._max_workers = sum(link.workers for link in links)
+
+    def _check_connected(self, links: list[NodeLink]) -> None:
+        if any(link.state is LinkState.READY for link in links):
+            return
+        errors = [link.error for link in links if link.error is not None]
+        self.shutdown(wait=True)
+        auth = [e for e in errors if isinstance(e, AuthenticationError)]
+        if auth:
+            raise auth[0]
+        if len(errors) == 1 and isinstance(errors[0], Exception):
+            raise errors[0]
+        lines = "\n".join(f"  {e}" for e in errors) or "  (no node answered in time)"
+        raise NodeUnreachableError(f"no clusterexec node could be used:\n{lines}")
+
+    # ------------------------------------------------------------------ submitting
+
+    def _function(self, fn: Callable[..., Any]) -> FunctionPayload:
+        if isinstance(fn, types.FunctionType):
+            cached = self._functions.get(fn)
+            if cached is None:
+                cached = pickle_function(fn)
+                self._functions[fn] = cached
+            return cached
+        return pickle_function(fn)
+
+    def _check_open(self) -> None:
+        broken = self._scheduler.broken
+        if broken is not None:
+            raise BrokenCluster(str(broken))
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _global_shutdown:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    def _queue(self, function: FunctionPayload | BaseException, make_payload: Callable[[], Payload], flags: int = 0) -> TaskFuture:
+        future = self._scheduler.new_future()
+        if isinstance(function, BaseException):
+            future.set_exception(function)
+            return future
+        try:
+            payload = make_payload()
+        except Exception as exc:
+            _note(exc, "the arguments of this task could not be pickled")
+            future.set_exception(exc)
+            return future
+        with self._shutdown_lock:
+            self._check_open()
+            self._scheduler.submit(Task(future, function, payload, flags))
+        return future
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)``; return a Future.
+
+        Never blocks on the network. Raises RuntimeError after shutdown and BrokenCluster once
+        the cluster is broken; an argument that cannot be pickled becomes the future's exception.
+        """
+        with self._shutdown_lock:
+            self._check_open()
+        try:
+            function: FunctionPayload | BaseException = self._function(fn)
+        except Exception as exc:
+            _note(exc, f"the callable {fn!r} could not be pickled")
+            function = exc
+        return self._queue(function, lambda: dumps_call(args, kwargs))
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[T]:
+        """Return an iterator of ``fn(*args)`` over zipped ``iterables``, in order.
+
+        As ``ProcessPoolExecutor.map``: the input is consumed at once unless ``buffersize`` is
+        given (then at most that many tasks are in flight); ``chunksize`` groups items into one
+        task; the iterator raises the first failing item's exception at that item, and
+        TimeoutError if ``timeout`` seconds pass from the call.
+        """
+        if buffersize is not None and not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        with self._shutdown_lock:
+            self._check_open()
+        try:
+            function: FunctionPayload | BaseException = pickle_function(fn)
+        except Exception as exc:
+            _note(exc, f"the callable {fn!r} could not be pickled")
+            function = exc
+        zipped = zip(*iterables)
+        if chunksize > 1:
+            source: Iterator[Any] = iter(lambda: tuple(itertools.islice(zipped, chunksize)), ())
+            flags = FLAG_CHUNK
+        else:
+            source, flags = zipped, 0
+
+        def queue(item: Any) -> TaskFuture:
+            if flags:
+                return self._queue(function, lambda: dumps_call((list(item),), {}), flags)
+            return self._queue(function, lambda: dumps_call(item, {}))
+
+        if buffersize is None:
+            futures = deque(queue(item) for item in source)
+        else:
+            futures = deque(queue(item) for item in itertools.islice(source, buffersize))
+        return _results(futures, source if buffersize else None, weakref.ref(self), queue, end_time, bool(flags))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting tasks; with ``wait``, block until pending tasks are done and nodes closed.
+
+        With ``cancel_futures``, tasks that have not started are cancelled (also those sent ahead
+        to a node). Local nodes are stopped. Safe to call more than once.
+        """
+        with self._shutdown_lock:
+            self._shutdown = True
+        if cancel_futures:
+            self._scheduler.cancel_pending()
+        self._scheduler.stop()
+        if wait:
+            self._scheduler.join()
+
+
+def _results(
+    futures: deque[TaskFuture],
+    source: Iterator[Any] | None,
+    executor_ref: weakref.ref[ClusterExecutor],
+    queue: Callable[[Any], TaskFuture],
+    end_time: float | None,
+    chunked: bool,
+) -> Iterator[Any]:
+    """The iterator behind ``map``: refills the window, yields in order, cancels on exit."""
+    try:
+        while futures:
+            if source is not None and executor_ref() is not None:
+                try:
+                    item = next(source)
+                except StopIteration:
+                    source = None
+                else:
+                    futures.append(queue(item))
+            future = futures.popleft()
+            if end_time is None:
+                value = future.result()
+            else:
+                value = future.result(end_time - time.monotonic())
+            del future
+            if not chunked:
+                yield value
+            elif isinstance(value, ChunkFailure):
+                yield from value.results
+                raise value.exception
+            else:
+                yield from value
+    finally:
+        if futures:
+            executor = executor_ref()
+            scheduler = executor._scheduler if executor is not None else None
+            if scheduler is not None:
+                scheduler.cancel_all(futures)
+            else:
+                for future in futures:
+                    Future.cancel(future)
+
+
+def _spread(total: int | None, count: int) -> list[int | None]:
+    """Split ``total`` workers over ``count`` nodes (None: each node's own count)."""
+    if total is None:
+        return [None] * count
+    base, extra = divmod(total, count)
+    return [base + (1 if i < extra else 0) or 1 for i in range(count)]
+
+
+def _note(exc: BaseException, text: str) -> None:
+    if hasattr(exc, "add_note"):
+        exc.add_note(text)
+
+
+__all__ = ["ClusterExecutor", "NodeAddress"]

@@ -1,0 +1,88 @@
+"""Starting and stopping nodes on this machine, for ``ClusterExecutor()`` with no nodes.
+
+A local node is ``python -m clusterexec.node --port 0`` on loopback with a fresh random key
+passed through its environment. It reads its stdin as a lifeline: when this process dies, the
+pipe closes and the node stops, so no node outlives its executor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import subprocess
+import sys
+import time
+
+from clusterexec.errors import ClusterError
+from clusterexec.keys import KEY_ENV, new_key
+from clusterexec.specs import NodeAddress
+
+READY_LINE = re.compile(r"clusterexec node listening on (\S+):(\d+) \((\d+) workers\)")
+START_TIMEOUT = 60.0
+STOP_GRACE = 5.0
+
+
+class LocalNode:
+    """A node process started by this process. ``address`` and ``key`` are set once it is up."""
+
+    def __init__(self, workers: int, key: bytes | None = None, start_timeout: float = START_TIMEOUT) -> None:
+        self.key = key if key is not None else new_key().encode()
+        env = dict(os.environ)
+        env[KEY_ENV] = self.key.decode()
+        # Like ProcessPoolExecutor's spawn, the workers see this interpreter's import path.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        command = [
+            sys.executable,
+            "-m",
+            "clusterexec.node",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--workers",
+            str(workers),
+            "--exit-with-stdin",
+        ]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True
+        )
+        self.address = self._wait_ready(start_timeout)
+
+    def _wait_ready(self, timeout: float) -> NodeAddress:
+        stdout = self.process.stdout
+        assert stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if not selector.select(deadline - time.monotonic()):
+                    continue
+                line = stdout.readline().decode(errors="replace")
+                if not line:
+                    break
+                match = READY_LINE.search(line)
+                if match:
+                    return NodeAddress(match.group(1).strip("[]"), int(match.group(2)))
+        self.stop()
+        raise ClusterError(
+            f"a local clusterexec node did not start within {timeout:g}s (exit status "
+            f"{self.process.poll()}); run `{sys.executable} -m clusterexec.node --port 0` to see why"
+        )
+
+    def stop(self) -> None:
+        """Stop the node and its workers; returns once the process has exited."""
+        process = self.process
+        if process.poll() is None:
+            try:
+                process.terminate()
+                process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass

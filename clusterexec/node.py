@@ -1,0 +1,532 @@
+"""The node server: accept clients, authenticate them, run one session per client.
+
+``python -m clusterexec.node --port 15809 --workers 4 --key-file secret.key``
+
+One thread runs a ``selectors`` loop over the listening socket, every client connection and
+every worker's socketpair. Workers are forked from this process, which never imports or
+unpickles user code, so each session starts from a clean interpreter. SIGCHLD, SIGTERM and
+SIGINT reach the loop through a wakeup socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import ipaddress
+import logging
+import os
+import platform
+import selectors
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import cloudpickle
+
+from clusterexec import __version__, worker
+from clusterexec.channel import Channel, ConnectionClosed
+from clusterexec.errors import AuthenticationError, ClusterError, ProtocolError, VersionMismatchError
+from clusterexec.keys import resolve_key
+from clusterexec.protocol import (
+    DEFAULT_MAX_FRAME,
+    HANDSHAKE_TIMEOUT,
+    AeadOpener,
+    AeadSealer,
+    RecordReader,
+    ServerHandshake,
+)
+from clusterexec.session import NodeHost, Session, SessionState, WorkerProcess, WorkerState, describe_status
+
+log = logging.getLogger("clusterexec.node")
+
+EXIT_USAGE = 2
+
+
+@dataclass
+class NodeConfig:
+    """How a node runs: where it listens, how many workers per session, its key."""
+
+    host: str = "127.0.0.1"
+    port: int = 15809
+    workers: int = 0
+    key: bytes | None = None
+    max_frame: int = DEFAULT_MAX_FRAME
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    insecure_no_auth: bool = False
+    exit_with_stdin: bool = False
+
+
+class Pending:
+    """A connection still in its handshake."""
+
+    def __init__(self, sock: socket.socket, peer: str, handshake: ServerHandshake, deadline: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.handshake = handshake
+        self.deadline = deadline
+        self.records = RecordReader(max_records=2)
+        self.hello_done = False
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` names only the loopback interface."""
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Node(NodeHost):
+    """The node server. Single-threaded; :meth:`serve_forever` runs until SIGTERM or SIGINT."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.workers_per_session = config.workers or os.cpu_count() or 1
+        self.selector = selectors.DefaultSelector()
+        self.listener = self._listen()
+        self.address = self.listener.getsockname()
+        self.pending: dict[int, Pending] = {}
+        self.sessions: dict[int, Session] = {}
+        self.worker_fds: dict[int, tuple[Session, WorkerProcess]] = {}
+        self.worker_pids: dict[int, tuple[Session, WorkerProcess]] = {}
+        self.dying: dict[int, WorkerProcess] = {}
+        self.dirty: set[Channel] = set()
+        self.write_interest: set[int] = set()
+        self.stopping = False
+        self.started = time.time()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def _listen(self) -> socket.socket:
+        host = self.config.host
+        infos = socket.getaddrinfo(host, self.config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError:
+            sock.close()
+            raise
+        sock.listen(512)
+        sock.setblocking(False)
+        return sock
+
+    # ------------------------------------------------------------------ NodeHost
+
+    def describe(self) -> dict[str, object]:
+        """Facts about this node, sent to clients."""
+        return {
+            "host": platform.node(),
+            "pid": os.getpid(),
+            "python": platform.python_version(),
+            "clusterexec": __version__,
+            "cloudpickle": cloudpickle.__version__,
+            "started": self.started,
+        }
+
+    def fork_worker(self, sock: socket.socket) -> int:
+        """Fork a worker serving ``sock``; the child never returns from here."""
+        pid = os.fork()
+        if pid:
+            return pid
+        try:
+            self._become_worker(sock)
+        finally:
+            os._exit(1)
+
+    def _become_worker(self, sock: socket.socket) -> None:
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _die_with_parent()
+        keep = sock.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, 1 << 16)
+        worker.main(sock)
+
+    def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
+        """Start reading a worker's channel and tracking its pid."""
+        fd = worker.channel.sock.fileno()
+        self.worker_fds[fd] = (session, worker)
+        self.worker_pids[worker.pid] = (session, worker)
+        self.selector.register(fd, selectors.EVENT_READ, self._on_worker_readable)
+
+    def retire_worker(self, worker: WorkerProcess, kill: bool = False) -> None:
+        """Stop feeding a worker; with ``kill`` terminate it, SIGKILL after a grace period."""
+        if kill:
+            try:
+                os.kill(worker.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            worker.kill_deadline = time.monotonic() + 2.0
+            self.dying[worker.pid] = worker
+            self._unwatch(worker)
+
+    def _unwatch(self, worker: WorkerProcess) -> None:
+        fd = worker.channel.sock.fileno()
+        if fd >= 0 and fd in self.worker_fds:
+            del self.worker_fds[fd]
+            self.selector.unregister(fd)
+            self.write_interest.discard(fd)
+            self.dirty.discard(worker.channel)
+            worker.channel.close()
+
+    def want_write(self, channel: Channel) -> None:
+        """Flush this channel at the end of the loop iteration."""
+        self.dirty.add(channel)
+
+    # ------------------------------------------------------------------ loop
+
+    def serve_forever(self, ready: Callable[[], None] | None = None) -> None:
+        """Run until SIGTERM or SIGINT; then end every session and reap every worker."""
+        signal.set_wakeup_fd(self._wake_w.fileno())
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_stop_signal)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+        if self.config.exit_with_stdin:
+            self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, self._on_stdin)
+        if ready is not None:
+            ready()
+        while not self.stopping:
+            timeout = self._timers(time.monotonic())
+            for key, events in self.selector.select(timeout):
+                key.data(key.fd, events)
+            self._reap()
+            self._flush()
+        self._shutdown()
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _on_wakeup(self, fd: int, events: int) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _on_stdin(self, fd: int, events: int) -> None:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            log.info("the process that started this node is gone; stopping")
+            self.stopping = True
+
+    def _timers(self, now: float) -> float:
+        timeout = 1.0
+        for fd, pending in list(self.pending.items()):
+            if now >= pending.deadline:
+                log.warning("handshake from %s timed out; connection closed", pending.peer)
+                self._drop_pending(fd)
+            else:
+                timeout = min(timeout, pending.deadline - now)
+        for session in list(self.sessions.values()):
+            timeout = min(timeout, max(0.0, session.tick(now) - now))
+        for pid, worker in list(self.dying.items()):
+            if now >= worker.kill_deadline:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                worker.kill_deadline = now + 3600
+            else:
+                timeout = min(timeout, worker.kill_deadline - now)
+        return max(timeout, 0.0)
+
+    def _flush(self) -> None:
+        while self.dirty:
+            channel = self.dirty.pop()
+            fd = channel.sock.fileno()
+            if fd < 0:
+                continue
+            try:
+                done = channel.flush()
+            except ConnectionClosed:
+                self._on_channel_error(fd, "connection lost while writing")
+                continue
+            self._set_write_interest(fd, not done)
+
+    def _set_write_interest(self, fd: int, want: bool) -> None:
+        if want == (fd in self.write_interest):
+            return
+        key = self.selector.get_key(fd)
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+        self.selector.modify(fd, events, key.data)
+        if want:
+            self.write_interest.add(fd)
+        else:
+            self.write_interest.discard(fd)
+
+    def _on_channel_error(self, fd: int, reason: str) -> None:
+        if fd in self.sessions:
+            self._end_session(fd, reason)
+        elif fd in self.worker_fds:
+            session, worker = self.worker_fds[fd]
+            self._unwatch(worker)
+
+    # ------------------------------------------------------------------ handshake
+
+    def _on_accept(self, fd: int, events: int) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            handshake = ServerHandshake(self.config.key or b"", {"workers": self.workers_per_session})
+            pending = Pending(sock, peer, handshake, time.monotonic() + self.config.handshake_timeout)
+            self.pending[sock.fileno()] = pending
+            self.selector.register(sock, selectors.EVENT_READ, self._on_handshake)
+
+    def _drop_pending(self, fd: int) -> None:
+        pending = self.pending.pop(fd)
+        self.selector.unregister(fd)
+        pending.sock.close()
+
+    def _on_handshake(self, fd: int, events: int) -> None:
+        pending = self.pending[fd]
+        try:
+            data = pending.sock.recv(8192)
+            if not data:
+                raise ConnectionClosed("closed during the handshake")
+            for rec in pending.records.feed(data):
+                if not pending.hello_done:
+                    pending.sock.sendall(pending.handshake.on_client_hello(rec))
+                    pending.hello_done = True
+                else:
+                    keys = pending.handshake.on_client_proof(rec)
+                    self._promote(fd, pending, keys.send, keys.recv)
+                    return
+        except (BlockingIOError, InterruptedError):
+            return
+        except VersionMismatchError as exc:
+            log.warning("refused %s: %s", pending.peer, exc)
+            try:
+                pending.sock.sendall(pending.handshake.refusal)
+            except OSError:
+                pass
+            self._drop_pending(fd)
+        except AuthenticationError as exc:
+            log.warning("authentication failed for %s: %s", pending.peer, exc)
+            self._drop_pending(fd)
+        except (ProtocolError, ConnectionClosed, OSError) as exc:
+            log.warning("handshake with %s failed: %s", pending.peer, exc)
+            self._drop_pending(fd)
+
+    def _promote(self, fd: int, pending: Pending, send_key: bytes, recv_key: bytes) -> None:
+        del self.pending[fd]
+        channel = Channel(pending.sock, AeadSealer(send_key), AeadOpener(recv_key), self.config.max_frame)
+        session = Session(self, channel, pending.peer, self.workers_per_session)
+        self.sessions[fd] = session
+        self.selector.modify(fd, selectors.EVENT_READ, self._on_client)
+        leftover = pending.records.leftover()
+        if leftover:
+            self._handle_client(fd, session, lambda: channel.feed_initial(leftover))
+
+    # ------------------------------------------------------------------ sessions
+
+    def _on_client(self, fd: int, events: int) -> None:
+        session = self.sessions.get(fd)
+        if session is None:
+            return
+        if events & selectors.EVENT_WRITE:
+            self.dirty.add(session.channel)
+        if events & selectors.EVENT_READ:
+            self._handle_client(fd, session, session.channel.read)
+
+    def _handle_client(self, fd: int, session: Session, read: Callable[[], list]) -> None:
+        try:
+            session.on_client_messages(read())
+        except ConnectionClosed:
+            self._end_session(fd, "client disconnected")
+            return
+        except (ProtocolError, ClusterError) as exc:
+            log.warning("session from %s: %s; connection closed", session.peer, exc)
+            self._end_session(fd, f"protocol error: {exc}")
+            return
+        if session.state is SessionState.CLOSED:
+            self._end_session(fd, "client said goodbye")
+
+    def _end_session(self, fd: int, reason: str) -> None:
+        session = self.sessions.pop(fd, None)
+        if session is None:
+            return
+        session.close(reason)
+        self.selector.unregister(fd)
+        self.write_interest.discard(fd)
+        self.dirty.discard(session.channel)
+        session.channel.close()
+
+    def _on_worker_readable(self, fd: int, events: int) -> None:
+        entry = self.worker_fds.get(fd)
+        if entry is None:
+            return
+        session, worker = entry
+        if events & selectors.EVENT_WRITE:
+            self.dirty.add(worker.channel)
+        if not events & selectors.EVENT_READ:
+            return
+        try:
+            messages = worker.channel.read()
+        except ConnectionClosed:
+            self._unwatch(worker)
+            return
+        except ProtocolError as exc:
+            log.error("worker %d sent garbage (%s); killing it", worker.pid, exc)
+            self._unwatch(worker)
+            os.kill(worker.pid, signal.SIGKILL)
+            return
+        try:
+            session.on_worker_messages(worker, messages)
+        except ProtocolError as exc:
+            log.warning("session from %s: %s; connection closed", session.peer, exc)
+            self._end_session(session.channel.sock.fileno(), str(exc))
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.dying.pop(pid, None)
+            entry = self.worker_pids.pop(pid, None)
+            if entry is None:
+                continue
+            session, worker = entry
+            fd = worker.channel.sock.fileno()
+            if fd in self.worker_fds:
+                # Read what the worker wrote before it died, so a result sent just before
+                # an exit is not mistaken for a crash.
+                self._on_worker_readable(fd, selectors.EVENT_READ)
+                self._unwatch(worker)
+            log.debug("worker %d exited: %s", pid, describe_status(status))
+            session.on_worker_exit(worker, status, rusage.ru_maxrss)
+
+    def _shutdown(self) -> None:
+        log.info("node stopping: ending %d sessions", len(self.sessions))
+        for fd in list(self.sessions):
+            self._end_session(fd, "node stopping")
+        for fd in list(self.pending):
+            self._drop_pending(fd)
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        deadline = time.monotonic() + 3.0
+        while self.dying and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.01)
+        for pid in list(self.dying):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self.dying.clear()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (no orphans if the node is killed)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The node's command-line options (shared with ``clusterexec node``)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
+    parser.add_argument("--port", type=int, default=15809, help="TCP port (default: 15809; 0 picks a free one)")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes per client session (default: CPUs)")
+    parser.add_argument("--key-file", help="shared key file (or set CLUSTEREXEC_KEY)")
+    parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="largest frame accepted, bytes")
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow listening on a non-loopback address without a key (anyone who can connect runs code)",
+    )
+    parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start a node from parsed arguments; return the exit status."""
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        key = resolve_key(key_file=args.key_file)
+    except ClusterError as exc:
+        print(f"clusterexec node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.workers < 0:
+        print("clusterexec node: --workers must be 1 or more", file=sys.stderr)
+        return EXIT_USAGE
+    if key is None and not is_loopback(args.host) and not args.insecure_no_auth:
+        print(
+            f"clusterexec node: refusing to listen on {args.host} without a key; pass --key-file "
+            "(see `clusterexec keygen`) or, to accept anyone who can connect, --insecure-no-auth",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    config = NodeConfig(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        key=key,
+        max_frame=args.max_frame,
+        insecure_no_auth=args.insecure_no_auth,
+        exit_with_stdin=args.exit_with_stdin,
+    )
+    try:
+        node = Node(config)
+    except OSError as exc:
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        print(f"clusterexec node: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return EXIT_USAGE
+    host, port = node.address[0], node.address[1]
+    shown = f"[{host}]" if ":" in host else host
+
+    def ready() -> None:
+        print(f"clusterexec node listening on {shown}:{port} ({node.workers_per_session} workers)", flush=True)
+
+    node.serve_forever(ready)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m clusterexec.node``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m clusterexec.node",
+        description="Run a clusterexec node: clients connect and run tasks on its worker processes.",
+        epilog="example: python -m clusterexec.node --port 15809 --workers 4 --key-file secret.key",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,606 @@
+"""The client I/O thread: the task queue, dispatch to nodes, results, cancels, retries.
+
+One thread owns every node link, the queue and the completion of futures; user threads only
+append to ``_new`` or ``_requests`` and poke a wakeup socket (at most one byte per batch).
+Tasks move QUEUED -> SENT -> STARTED -> DONE; a task SENT to a node but not started can be
+cancelled, which takes a round trip to the node. A lost node's tasks go back to the queue,
+up to ``retries`` times.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
+from typing import Any
+
+from clusterexec.connection import LinkState, NodeLink
+from clusterexec.errors import BrokenCluster, ClusterError, NodeLostError, ProtocolError
+from clusterexec.protocol import (
+    BROKEN,
+    BYE,
+    CANCEL,
+    CANCELLED as CANCELLED_KIND,
+    CRASHED,
+    FORGET,
+    FUNC,
+    HEARTBEAT,
+    RESULT,
+    RESULT_HEAD,
+    STARTED,
+    TASK,
+    TASK_HEAD,
+    TASK_ID,
+    Message,
+    pack_ids,
+    unpack_cancelled,
+    unpack_ids,
+    unpack_json,
+)
+from clusterexec.serialize import FunctionPayload, Payload, crash_error, decode_result
+
+log = logging.getLogger("clusterexec")
+
+MAX_FUNCTIONS = 256
+MAX_FUNCTION_BYTES = 1 << 30
+CANCEL_TIMEOUT = 10.0
+
+
+class TaskState(enum.Enum):
+    """Where a task is, as the client sees it."""
+
+    QUEUED = "queued"
+    SENT = "sent"
+    STARTED = "started"
+    DONE = "done"
+
+
+class Task:
+    """One unit of work: its future, its pickled function and arguments, where it is."""
+
+    __slots__ = ("task_id", "future", "function", "payload", "flags", "state", "attempts", "link", "replies")
+
+    def __init__(self, future: TaskFuture, function: FunctionPayload, payload: Payload, flags: int = 0) -> None:
+        self.task_id = 0
+        self.future = future
+        self.function = function
+        self.payload = payload
+        self.flags = flags
+        self.state = TaskState.QUEUED
+        self.attempts = 0
+        self.link: NodeLink | None = None
+        self.replies: list[_Reply] | None = None
+
+
+class _Reply:
+    """A user thread waiting for the I/O thread's answer to a cancel."""
+
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value = False
+
+    def answer(self, value: bool) -> None:
+        self.value = value
+        self.event.set()
+
+
+class TaskFuture(Future):  # type: ignore[type-arg]
+    """A Future whose ``cancel()`` also reaches tasks already sent ahead to a node.
+
+    Such a task is cancelled on the node if it has not started there (it then never runs);
+    ``cancel()`` waits for the node's answer (one round trip).
+    """
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        super().__init__()
+        self._scheduler: Scheduler | None = scheduler
+        self._task: Task | None = None
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not started; return True if it is cancelled."""
+        with self._condition:
+            task = self._task
+            if task is None or task.state is not TaskState.SENT or self._state != PENDING:
+                return super().cancel()
+            scheduler = self._scheduler
+        if scheduler is None:
+            return False
+        return scheduler.cancel_sent(task)
+
+
+class Scheduler:
+    """Runs the I/O thread for one executor. Thread-safe entry points are marked."""
+
+    def __init__(
+        self,
+        links: list[NodeLink],
+        *,
+        retries: int,
+        heartbeat_timeout: float,
+        reconnect_window: float,
+        closers: Iterable[Callable[[], None]] = (),
+    ) -> None:
+        self.links = links
+        self.retries = retries
+        self.heartbeat_timeout = heartbeat_timeout
+        self.reconnect_window = reconnect_window
+        self._closers = list(closers)
+        self._ids = itertools.count(1)
+        self._new: deque[Task] = deque()
+        self._requests: deque[tuple[str, Any]] = deque()
+        self._queue: deque[Task] = deque()
+        self._tasks: dict[int, Task] = {}
+        self._selector = selectors.DefaultSelector()
+        self._registered: dict[NodeLink, tuple[socket.socket, int]] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._stop = False
+        self.broken: BrokenCluster | None = None
+        self.first_round = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="clusterexec-io", daemon=True)
+        self._io_ident = 0
+
+    # ------------------------------------------------------------------ user threads
+
+    def start(self) -> None:
+        """Start the I/O thread. Thread-safe."""
+        self._thread.start()
+
+    def new_future(self) -> TaskFuture:
+        """A future bound to this scheduler. Thread-safe."""
+        return TaskFuture(self)
+
+    def submit(self, task: Task) -> None:
+        """Queue a task. Thread-safe; never blocks on the network."""
+        task.task_id = next(self._ids)
+        task.future._task = task
+        self._new.append(task)
+        self._wake()
+
+    def cancel_sent(self, task: Task) -> bool:
+        """Cancel a task sent to a node; blocks for the node's answer. Thread-safe."""
+        reply = _Reply()
+        if threading.get_ident() == self._io_ident:
+            self._requests.append(("cancel", (task, None)))
+            return False
+        self._requests.append(("cancel", (task, reply)))
+        self._wake()
+        reply.event.wait(CANCEL_TIMEOUT)
+        return reply.value
+
+    def cancel_all(self, futures: Iterable[Future[Any]]) -> None:
+        """Cancel many futures without waiting (map clean-up). Thread-safe."""
+        tasks = []
+        for future in futures:
+            if not Future.cancel(future) and isinstance(future, TaskFuture) and future._task is not None:
+                tasks.append(future._task)
+        if tasks:
+            self._requests.append(("cancel_many", tasks))
+            self._wake()
+
+    def cancel_pending(self) -> None:
+        """Cancel every task that has not started (``shutdown(cancel_futures=True)``). Thread-safe."""
+        self._requests.append(("cancel_pending", None))
+        self._wake()
+
+    def stop(self) -> None:
+        """Ask the I/O thread to finish the tasks it has, then close. Thread-safe."""
+        self._requests.append(("stop", None))
+        self._wake()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the I/O thread to end. Thread-safe (not from the I/O thread)."""
+        if self._thread.is_alive() and threading.get_ident() != self._io_ident:
+            self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        with self._wake_lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        self._io_ident = threading.get_ident()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        try:
+            now = time.monotonic()
+            for link in self.links:
+                link.connect(now)
+                self._sync(link)
+            self._loop()
+        except BaseException as exc:  # a bug here must not leave futures hanging
+            log.exception("clusterexec I/O thread failed")
+            self._break(BrokenCluster(f"the clusterexec I/O thread failed ({exc!r}); please report this bug"))
+        finally:
+            self._finish()
+
+    def _loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            timeout = self._timers(now)
+            for key, events in self._selector.select(timeout):
+                if key.data is None:
+                    self._on_wake()
+                else:
+                    self._on_link_event(key.data, events)
+            self._take_requests()
+            self._dispatch()
+            self._flush()
+            if not self.first_round.is_set() and all(
+                link.state in (LinkState.READY, LinkState.LOST) for link in self.links
+            ):
+                self.first_round.set()
+            if self._stop and not self._outstanding():
+                return
+            if self._all_lost_for(self.reconnect_window, now) and (self._tasks or self._stop):
+                self._break(BrokenCluster(self._lost_summary()))
+                if self._stop:
+                    return
+
+    def _on_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._wake_lock:
+            self._wake_pending = False
+
+    def _take_requests(self) -> None:
+        new = self._new
+        while new:
+            task = new.popleft()
+            if self.broken is not None:
+                self._fail(task, self.broken)
+                continue
+            self._tasks[task.task_id] = task
+            self._queue.append(task)
+        while self._requests:
+            kind, arg = self._requests.popleft()
+            if kind == "cancel":
+                self._cancel([arg[0]], arg[1])
+            elif kind == "cancel_many":
+                self._cancel(arg, None)
+            elif kind == "cancel_pending":
+                self._cancel(list(self._tasks.values()), None)
+            elif kind == "stop":
+                self._stop = True
+
+    def _outstanding(self) -> bool:
+        if not self._tasks:
+            return False
+        for task in list(self._queue):
+            if task.future.cancelled():
+                self._drop(task)
+        return bool(self._tasks)
+
+    def _timers(self, now: float) -> float:
+        timeout = 1.0
+        for link in self.links:
+            link.check_deadline(now)
+            if link.state is LinkState.READY and now - link.last_heard > self.heartbeat_timeout:
+                link.lose(NodeLostError(f"node {link.name} sent no heartbeat for {self.heartbeat_timeout:g}s"))
+            if link.state is LinkState.LOST:
+                if link.inflight:
+                    self._requeue_lost(link)
+                if not link.retry_at:
+                    link.retry_at = now + min(5.0, 0.1 * 2 ** min(link.attempts, 6))
+                if now >= link.retry_at and not self._stop:
+                    link.retry_at = 0.0
+                    link.connect(now)
+                else:
+                    timeout = min(timeout, max(0.0, link.retry_at - now))
+            elif link.state is not LinkState.READY:
+                timeout = min(timeout, max(0.0, link.deadline - now))
+            self._sync(link)
+        return timeout
+
+    def _sync(self, link: NodeLink) -> None:
+        """Keep the selector's registration in step with the link's socket and interest."""
+        current = self._registered.get(link)
+        sock = link.sock
+        if sock is None or link.state in (LinkState.LOST, LinkState.CLOSED):
+            if current is not None:
+                self._unregister(link, current[0])
+            return
+        events = link.interest()
+        if current is not None and current[0] is sock:
+            if current[1] != events:
+                self._selector.modify(sock, events, link)
+                self._registered[link] = (sock, events)
+            return
+        if current is not None:
+            self._unregister(link, current[0])
+        self._selector.register(sock, events, link)
+        self._registered[link] = (sock, events)
+
+    def _unregister(self, link: NodeLink, sock: socket.socket) -> None:
+        del self._registered[link]
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _on_link_event(self, link: NodeLink, events: int) -> None:
+        now = time.monotonic()
+        messages = link.on_event(events, now)
+        if messages:
+            try:
+                self._on_messages(link, messages)
+            except (ProtocolError, ValueError, KeyError) as exc:
+                link.lose(ClusterError(f"node {link.name} sent a malformed message ({exc})"))
+        if link.state is LinkState.LOST and link.inflight:
+            self._requeue_lost(link)
+        self._sync(link)
+
+    # ------------------------------------------------------------------ messages
+
+    def _on_messages(self, link: NodeLink, messages: list[Message]) -> None:
+        for message in messages:
+            kind = message.kind
+            if kind == RESULT:
+                self._on_result(link, message)
+            elif kind == STARTED:
+                for task_id in unpack_ids(message.body):
+                    task = link.inflight.get(task_id)
+                    if task is not None and task.state is TaskState.SENT:
+                        self._started(task)
+            elif kind == CANCELLED_KIND:
+                self._on_cancelled(link, message.body)
+            elif kind == CRASHED:
+                (task_id,) = TASK_ID.unpack_from(message.body, 0)
+                task = link.inflight.pop(task_id, None)
+                if task is not None:
+                    info = unpack_json(memoryview(message.body)[TASK_ID.size :])
+                    self._finish_task(task, exception=crash_error(task_id, link.name, info))
+            elif kind == BROKEN:
+                reason = unpack_json(message.body)
+                self._break(
+                    BrokenCluster(
+                        f"the initializer failed on node {link.name}, so the executor cannot run tasks; "
+                        f"fix the initializer. Remote traceback:\n{reason.get('error', '')}"
+                    )
+                )
+            elif kind != HEARTBEAT:
+                raise ProtocolError(f"unexpected message kind {kind}")
+
+    def _started(self, task: Task) -> None:
+        task.state = TaskState.STARTED
+        if task.future._state == PENDING:
+            task.future.set_running_or_notify_cancel()
+        self._answer(task, False)
+
+    def _on_result(self, link: NodeLink, message: Message) -> None:
+        task_id, status = RESULT_HEAD.unpack_from(message.body, 0)
+        task = link.inflight.pop(task_id, None)
+        if task is None:
+            return
+        link.tasks_done += 1
+        body = memoryview(message.body)[RESULT_HEAD.size :]
+        try:
+            value, exception = decode_result(status, body, message.buffers, task_id, link.name)
+        except Exception as exc:
+            value, exception = None, ClusterError(
+                f"the result of task {task_id} from node {link.name} could not be unpickled here: {exc!r}"
+            )
+        self._finish_task(task, value, exception)
+
+    def _finish_task(self, task: Task, value: object = None, exception: BaseException | None = None) -> None:
+        self._drop(task)
+        future = task.future
+        with future._condition:
+            if future._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(value)
+
+    def _drop(self, task: Task) -> None:
+        """Forget a task: no reference to its function, arguments or result remains here."""
+        self._tasks.pop(task.task_id, None)
+        if task.link is not None:
+            task.link.inflight.pop(task.task_id, None)
+            _release_function(task.link, task.function.digest)
+        task.state = TaskState.DONE
+        task.future._task = None
+        task.future._scheduler = None
+        task.payload = task.function = None  # type: ignore[assignment]
+        self._answer(task, False)
+
+    def _fail(self, task: Task, exception: BaseException) -> None:
+        self._finish_task(task, exception=exception)
+
+    # ------------------------------------------------------------------ cancelling
+
+    def _answer(self, task: Task, value: bool) -> None:
+        if task.replies:
+            for reply in task.replies:
+                reply.answer(value)
+            task.replies = None
+
+    def _cancel(self, tasks: list[Task], reply: _Reply | None) -> None:
+        by_link: dict[NodeLink, list[int]] = {}
+        for task in tasks:
+            if task.state is TaskState.QUEUED:
+                answered = Future.cancel(task.future)
+                if reply is not None:
+                    reply.answer(answered)
+            elif task.state is TaskState.SENT and task.link is not None and task.link.channel is not None:
+                if reply is not None:
+                    task.replies = (task.replies or []) + [reply]
+                by_link.setdefault(task.link, []).append(task.task_id)
+            elif reply is not None:
+                reply.answer(task.future.cancelled())
+        for link, ids in by_link.items():
+            assert link.channel is not None
+            link.channel.send(CANCEL, pack_ids(ids))
+
+    def _on_cancelled(self, link: NodeLink, body: Any) -> None:
+        cancelled, refused = unpack_cancelled(body)
+        for task_id in cancelled:
+            task = link.inflight.pop(task_id, None)
+            if task is not None:
+                Future.cancel(task.future)
+                self._answer(task, True)
+                self._drop(task)
+        for task_id in refused:
+            task = link.inflight.get(task_id)
+            if task is not None:
+                self._answer(task, False)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self) -> None:
+        queue = self._queue
+        if not queue:
+            return
+        ready = [link for link in self.links if link.state is LinkState.READY]
+        if not ready:
+            return
+        for phase in (0, 1):
+            progress = True
+            while queue and progress:
+                progress = False
+                for link in ready:
+                    limit = link.workers if phase == 0 else link.workers + max(2, link.workers)
+                    if len(link.inflight) < limit and queue:
+                        task = queue.popleft()
+                        if self._send(link, task):
+                            progress = True
+                        elif len(link.inflight) < limit:
+                            progress = True
+
+    def _send(self, link: NodeLink, task: Task) -> bool:
+        future = task.future
+        with future._condition:
+            if future._state != PENDING and future._state != "RUNNING":
+                self._drop(task)
+                return False
+            task.state = TaskState.SENT
+        channel = link.channel
+        assert channel is not None
+        function = task.function
+        digest = function.digest
+        if digest in link.functions:
+            link.functions.move_to_end(digest)
+        else:
+            self._evict_functions(link)
+            channel.send(FUNC, digest + function.payload.body, function.payload.buffers)
+        link.function_refs[digest] = link.function_refs.get(digest, 0) + 1
+        link.functions[digest] = function.payload.nbytes
+        channel.send(TASK, TASK_HEAD.pack(task.task_id, digest, task.flags) + task.payload.body, task.payload.buffers)
+        link.inflight[task.task_id] = task
+        task.link = link
+        return True
+
+    def _evict_functions(self, link: NodeLink) -> None:
+        assert link.channel is not None
+        total = sum(link.functions.values())
+        for digest in list(link.functions):
+            if len(link.functions) < MAX_FUNCTIONS and total < MAX_FUNCTION_BYTES:
+                return
+            if link.function_refs.get(digest):
+                continue
+            total -= link.functions.pop(digest)
+            link.channel.send(FORGET, digest)
+
+    def _flush(self) -> None:
+        for link in self.links:
+            channel = link.channel
+            if channel is not None and channel.wants_write:
+                link.on_event(selectors.EVENT_WRITE, time.monotonic())
+                if link.state is LinkState.LOST and link.inflight:
+                    self._requeue_lost(link)
+                self._sync(link)
+
+    # ------------------------------------------------------------------ faults
+
+    def _requeue_lost(self, link: NodeLink) -> None:
+        tasks = sorted(link.inflight.values(), key=lambda t: t.task_id, reverse=True)
+        link.inflight.clear()
+        link.functions.clear()
+        link.function_refs.clear()
+        for task in tasks:
+            task.link = None
+            task.attempts += 1
+            if task.attempts > self.retries:
+                self._fail(
+                    task,
+                    NodeLostError(
+                        f"task {task.task_id} was lost with node {link.name} ({link.error}); "
+                        f"it was sent {task.attempts} times, more than retries={self.retries}"
+                    ),
+                )
+                continue
+            task.state = TaskState.QUEUED
+            self._answer(task, False)
+            self._queue.appendleft(task)
+
+    def _all_lost_for(self, window: float, now: float) -> bool:
+        if any(link.state is not LinkState.LOST for link in self.links):
+            return False
+        return all(now - link.lost_since >= window for link in self.links)
+
+    def _lost_summary(self) -> str:
+        lines = [f"  {link.name}: {link.error}" for link in self.links]
+        return "every node of the cluster is lost; no task can run:\n" + "\n".join(lines)
+
+    def _break(self, error: BrokenCluster) -> None:
+        if self.broken is None:
+            self.broken = error
+            log.error("%s", error)
+        for task in list(self._tasks.values()):
+            self._fail(task, error)
+        self._queue.clear()
+        self.first_round.set()
+
+    def _finish(self) -> None:
+        for link in self.links:
+            if link.channel is not None and link.state is LinkState.READY:
+                try:
+                    link.channel.send(BYE)
+                    link.channel.sock.setblocking(True)
+                    link.channel.sock.settimeout(1.0)
+                    link.channel.flush()
+                except (OSError, ClusterError, Exception):
+                    pass
+            link.close()
+        leftover = BrokenCluster("the executor was shut down before these tasks could run")
+        for task in list(self._tasks.values()):
+            self._fail(task, self.broken or leftover)
+        for closer in self._closers:
+            try:
+                closer()
+            except Exception:
+                log.exception("clusterexec: stopping a local node failed")
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        self.first_round.set()
+
+
+def _release_function(link: NodeLink, digest: bytes) -> None:
+    count = link.function_refs.get(digest, 0) - 1
+    if count > 0:
+        link.function_refs[digest] = count
+    else:
+        link.function_refs.pop(digest, None)

@@ -1,0 +1,400 @@
+"""One client's session on a node: its worker processes, its task queue, routing bytes.
+
+The session never unpickles user payloads. It reads the fixed headers of TASK and RESULT
+messages (task id, function digest) and forwards the rest as it came. Tasks wait in the
+session's queue until a worker is free; only queued tasks can be cancelled. A worker that
+dies fails the one task it was running, and the session starts a replacement.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from clusterexec.channel import Channel
+from clusterexec.errors import ProtocolError
+from clusterexec.protocol import (
+    BROKEN,
+    BYE,
+    CANCEL,
+    CANCELLED,
+    CRASHED,
+    FORGET,
+    FUNC,
+    HEARTBEAT,
+    INIT,
+    INIT_FAILED,
+    PING,
+    RESULT,
+    SESSION,
+    STARTED,
+    STOP,
+    TASK,
+    TASK_HEAD,
+    TASK_ID,
+    WELCOME,
+    Message,
+    PlainOpener,
+    PlainSealer,
+    pack_cancelled,
+    pack_ids,
+    pack_json,
+    unpack_ids,
+    unpack_json,
+)
+
+log = logging.getLogger("clusterexec.node")
+
+PIPELINE = 2
+SHORT_TASK = 0.002
+KILL_GRACE = 2.0
+
+
+class SessionState(enum.Enum):
+    """Where a session is in its life."""
+
+    WAITING = "waiting for the session request"
+    ACTIVE = "active"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+class WorkerState(enum.Enum):
+    """Where a worker process is in its life."""
+
+    RUNNING = "running"
+    RETIRING = "retiring"
+    KILLED = "killed"
+    DEAD = "dead"
+
+
+@dataclass
+class WorkerProcess:
+    """A worker process of one session, as the node sees it."""
+
+    pid: int
+    channel: Channel
+    state: WorkerState = WorkerState.RUNNING
+    outstanding: deque[tuple[int, Message]] = field(default_factory=deque)
+    functions: set[bytes] = field(default_factory=set)
+    assigned: int = 0
+    busy_since: float = 0.0
+    short: bool = False
+    kill_deadline: float = 0.0
+
+
+class Session:
+    """One authenticated client connection and the workers that serve it."""
+
+    def __init__(
+        self,
+        node: NodeHost,
+        channel: Channel,
+        peer: str,
+        max_workers: int,
+    ) -> None:
+        self.node = node
+        self.channel = channel
+        self.peer = peer
+        self.max_workers = max_workers
+        self.state = SessionState.WAITING
+        self.workers: list[WorkerProcess] = []
+        self.queue: deque[Message] = deque()
+        self.functions: dict[bytes, Message] = {}
+        self.started: list[int] = []
+        self.init: Message | None = None
+        self.max_tasks_per_child = 0
+        self.worker_count = 0
+        self.heartbeat_interval = 1.0
+        self.next_heartbeat = 0.0
+        self.tasks_done = 0
+        self.tasks_crashed = 0
+        self.opened = time.monotonic()
+
+    # ------------------------------------------------------------------ client side
+
+    def _to_client(self, kind: int, body: bytes | memoryview = b"", buffers: list | None = None) -> None:
+        self.channel.send(kind, body, buffers or ())
+        self.node.want_write(self.channel)
+
+    def on_client_messages(self, messages: list[Message]) -> None:
+        """Handle messages from the client, in order."""
+        for message in messages:
+            if self.state in (SessionState.CLOSED,):
+                return
+            kind = message.kind
+            if kind == TASK:
+                if len(message.body) < TASK_HEAD.size:
+                    raise ProtocolError("TASK message is shorter than its header")
+                self.queue.append(message)
+            elif kind == FUNC:
+                if len(message.body) < 16:
+                    raise ProtocolError("FUNC message is shorter than its digest")
+                self.functions[bytes(message.body[:16])] = message
+            elif kind == CANCEL:
+                self._cancel(unpack_ids(message.body))
+            elif kind == FORGET:
+                self._forget(bytes(message.body[:16]))
+            elif kind == SESSION:
+                self._open(message)
+            elif kind == BYE:
+                self.close("client said goodbye")
+                return
+            elif kind != PING:
+                raise ProtocolError(f"unexpected message kind {kind} from the client")
+        self.dispatch()
+
+    def _open(self, message: Message) -> None:
+        if self.state is not SessionState.WAITING:
+            raise ProtocolError("SESSION message sent twice")
+        request = unpack_json(message.body)
+        wanted = request.get("workers") or self.max_workers
+        if not isinstance(wanted, int) or wanted < 1:
+            raise ProtocolError(f"bad worker count {wanted!r} in the session request")
+        self.worker_count = min(wanted, self.max_workers)
+        max_tasks = request.get("max_tasks_per_child") or 0
+        self.max_tasks_per_child = max_tasks if isinstance(max_tasks, int) else 0
+        interval = request.get("heartbeat_interval", 1.0)
+        self.heartbeat_interval = float(interval) if isinstance(interval, (int, float)) else 1.0
+        if message.buffers:
+            self.init = Message(INIT, message.buffers[0], list(message.buffers[1:]))
+        for _ in range(self.worker_count):
+            self._spawn()
+        self.state = SessionState.ACTIVE
+        self._to_client(WELCOME, pack_json({"workers": self.worker_count, **self.node.describe()}))
+        self.next_heartbeat = time.monotonic() + self.heartbeat_interval
+        log.info("session from %s started with %d workers", self.peer, self.worker_count)
+
+    def _cancel(self, ids: list[int]) -> None:
+        wanted = set(ids)
+        kept: deque[Message] = deque()
+        cancelled: list[int] = []
+        for message in self.queue:
+            (task_id,) = TASK_ID.unpack_from(message.body, 0)
+            if task_id in wanted:
+                cancelled.append(task_id)
+            else:
+                kept.append(message)
+        self.queue = kept
+        done = set(cancelled)
+        self._to_client(CANCELLED, pack_cancelled(cancelled, [i for i in ids if i not in done]))
+
+    def _forget(self, digest: bytes) -> None:
+        self.functions.pop(digest, None)
+        for worker in self.workers:
+            if digest in worker.functions:
+                worker.functions.discard(digest)
+                worker.channel.send(FORGET, digest)
+                self.node.want_write(worker.channel)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _accepting(self, worker: WorkerProcess) -> bool:
+        if worker.state is not WorkerState.RUNNING:
+            return False
+        return not self.max_tasks_per_child or worker.assigned < self.max_tasks_per_child
+
+    def dispatch(self) -> None:
+        """Give queued tasks to free workers; short tasks are pipelined two deep."""
+        if self.state is not SessionState.ACTIVE:
+            return
+        for worker in self.workers:
+            if not self.queue:
+                break
+            if not worker.outstanding and self._accepting(worker):
+                self._give(worker, self.queue.popleft())
+        for depth in range(2, PIPELINE + 1):
+            for worker in self.workers:
+                if not self.queue:
+                    break
+                if worker.short and len(worker.outstanding) < depth and self._accepting(worker):
+                    self._give(worker, self.queue.popleft())
+        if self.started:
+            self._to_client(STARTED, pack_ids(self.started))
+            self.started = []
+
+    def _give(self, worker: WorkerProcess, message: Message) -> None:
+        task_id, digest, _ = TASK_HEAD.unpack_from(message.body, 0)
+        if digest not in worker.functions:
+            func = self.functions.get(digest)
+            if func is None:
+                raise ProtocolError(f"task {task_id} refers to a function the client never sent")
+            worker.channel.send(FUNC, func.body, func.buffers)
+            worker.functions.add(digest)
+        worker.channel.send(TASK, message.body, message.buffers)
+        if not worker.outstanding:
+            worker.busy_since = time.monotonic()
+        worker.outstanding.append((task_id, message))
+        worker.assigned += 1
+        self.started.append(task_id)
+        self.node.want_write(worker.channel)
+
+    # ------------------------------------------------------------------ worker side
+
+    def _spawn(self) -> None:
+        parent, child = socket.socketpair()
+        pid = self.node.fork_worker(child)
+        child.close()
+        parent.setblocking(False)
+        worker = WorkerProcess(pid, Channel(parent, PlainSealer(), PlainOpener()))
+        self.workers.append(worker)
+        self.node.watch_worker(self, worker)
+        if self.init is not None:
+            worker.channel.send(INIT, self.init.body, self.init.buffers)
+            self.node.want_write(worker.channel)
+
+    def on_worker_messages(self, worker: WorkerProcess, messages: list[Message]) -> None:
+        """Handle messages from one worker: forward results, note failures."""
+        for message in messages:
+            if message.kind == RESULT:
+                self._on_result(worker, message)
+            elif message.kind == INIT_FAILED:
+                self._break(unpack_json(message.body))
+                return
+            else:
+                raise ProtocolError(f"unexpected message kind {message.kind} from worker {worker.pid}")
+        self._retire_spent(worker)
+        self.dispatch()
+
+    def _on_result(self, worker: WorkerProcess, message: Message) -> None:
+        (task_id,) = TASK_ID.unpack_from(message.body, 0)
+        if not worker.outstanding or worker.outstanding[0][0] != task_id:
+            raise ProtocolError(f"worker {worker.pid} answered for task {task_id} out of turn")
+        worker.outstanding.popleft()
+        now = time.monotonic()
+        worker.short = now - worker.busy_since < SHORT_TASK
+        worker.busy_since = now
+        self.tasks_done += 1
+        if self.state is SessionState.ACTIVE:
+            self._to_client(RESULT, message.body, message.buffers)
+
+    def _retire_spent(self, worker: WorkerProcess) -> None:
+        if (
+            self.max_tasks_per_child
+            and worker.state is WorkerState.RUNNING
+            and worker.assigned >= self.max_tasks_per_child
+            and not worker.outstanding
+        ):
+            worker.state = WorkerState.RETIRING
+            worker.channel.send(STOP)
+            self.node.want_write(worker.channel)
+            self.workers.remove(worker)
+            self.node.retire_worker(worker)
+            if self.state is SessionState.ACTIVE:
+                self._spawn()
+
+    def on_worker_exit(self, worker: WorkerProcess, status: int, maxrss_kb: int) -> None:
+        """A worker process was reaped: fail its running task, requeue the rest, replace it."""
+        planned = worker.state in (WorkerState.RETIRING, WorkerState.KILLED)
+        worker.state = WorkerState.DEAD
+        if worker in self.workers:
+            self.workers.remove(worker)
+        if planned or self.state is not SessionState.ACTIVE:
+            return
+        description = describe_status(status)
+        if worker.outstanding:
+            running, _ = worker.outstanding.popleft()
+            self.tasks_crashed += 1
+            info = {
+                "pid": worker.pid,
+                "status": description,
+                "exitcode": os.waitstatus_to_exitcode(status),
+                "maxrss_kb": maxrss_kb,
+            }
+            self._to_client(CRASHED, TASK_ID.pack(running) + pack_json(info))
+            log.warning("worker %d of session %s died (%s) running task %d", worker.pid, self.peer, description, running)
+            self._requeue(worker)
+        else:
+            log.warning("worker %d of session %s died (%s) while idle", worker.pid, self.peer, description)
+        self._spawn()
+        self.dispatch()
+
+    def _requeue(self, worker: WorkerProcess) -> None:
+        # Tasks sent ahead to the dead worker had not started: back to the queue front, in order.
+        while worker.outstanding:
+            _, message = worker.outstanding.pop()
+            self.queue.appendleft(message)
+
+    def _break(self, reason: dict[str, object]) -> None:
+        if self.state is not SessionState.ACTIVE:
+            return
+        self.state = SessionState.BROKEN
+        self._to_client(BROKEN, pack_json({"reason": "initializer failed", **reason}))
+        log.error("session from %s is broken: its initializer failed", self.peer)
+        self.stop_workers()
+
+    # ------------------------------------------------------------------ life
+
+    def tick(self, now: float) -> float:
+        """Send a heartbeat when due; return when the next one is due."""
+        if self.state in (SessionState.ACTIVE, SessionState.BROKEN) and now >= self.next_heartbeat:
+            self._to_client(HEARTBEAT)
+            self.next_heartbeat = now + self.heartbeat_interval
+        return self.next_heartbeat
+
+    def stop_workers(self) -> None:
+        """Kill every worker of this session (SIGTERM now, SIGKILL after a grace period)."""
+        for worker in list(self.workers):
+            self.workers.remove(worker)
+            worker.state = WorkerState.KILLED
+            self.node.retire_worker(worker, kill=True)
+
+    def close(self, reason: str) -> None:
+        """End the session: close the client connection and kill its workers."""
+        if self.state is SessionState.CLOSED:
+            return
+        self.state = SessionState.CLOSED
+        self.queue.clear()
+        self.functions.clear()
+        self.stop_workers()
+        log.info(
+            "session from %s ended (%s): %d tasks done, %d crashed, %.1fs",
+            self.peer,
+            reason,
+            self.tasks_done,
+            self.tasks_crashed,
+            time.monotonic() - self.opened,
+        )
+
+
+def describe_status(status: int) -> str:
+    """Describe a wait status: 'exit code 3' or 'killed by SIGKILL'."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"killed by {name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+class NodeHost:
+    """What a session needs from the node server it lives in (implemented by node.Node)."""
+
+    def describe(self) -> dict[str, object]:
+        """Facts about the node for the WELCOME message."""
+        raise NotImplementedError
+
+    def fork_worker(self, sock: socket.socket) -> int:
+        """Fork a worker process serving ``sock``; return its pid."""
+        raise NotImplementedError
+
+    def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
+        """Start reading a worker's channel."""
+        raise NotImplementedError
+
+    def retire_worker(self, worker: WorkerProcess, kill: bool = False) -> None:
+        """Stop reading a worker's channel; with ``kill``, terminate it."""
+        raise NotImplementedError
+
+    def want_write(self, channel: Channel) -> None:
+        """Note that a channel has output to flush."""
+        raise NotImplementedError
+

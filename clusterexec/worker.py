@@ -1,0 +1,139 @@
+"""The worker process loop: run a task, send back a result or an error.
+
+A worker is forked by its node for one session and talks to the node over a socketpair with
+unsealed frames. It keeps the pickled functions the node forwards (by digest) and unpickles a
+fresh copy for every task, so tasks never share state through a callable object.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+from clusterexec.channel import BlockingChannel, ConnectionClosed
+from clusterexec.protocol import (
+    FLAG_CHUNK,
+    FORGET,
+    FUNC,
+    INIT,
+    INIT_FAILED,
+    RESULT,
+    RESULT_HEAD,
+    STATUS_ERROR,
+    STATUS_OK,
+    STATUS_PARTIAL,
+    STOP,
+    TASK,
+    TASK_HEAD,
+    Message,
+    PlainOpener,
+    PlainSealer,
+    pack_json,
+)
+from clusterexec.serialize import Payload, capture_exception, dumps, dumps_failure, dumps_result, loads
+
+LOGGER = logging.getLogger("concurrent.futures")
+
+
+class Worker:
+    """One worker's state: its channel to the node and the functions it holds."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.channel = BlockingChannel(sock, PlainSealer(), PlainOpener())
+        self.functions: dict[bytes, Message] = {}
+
+    def serve(self) -> int:
+        """Handle messages until STOP or the node goes away; return the exit status."""
+        while True:
+            try:
+                message = self.channel.receive()
+            except ConnectionClosed:
+                return 0
+            kind = message.kind
+            if kind == TASK:
+                self.run_task(message)
+            elif kind == FUNC:
+                self.functions[bytes(message.body[:16])] = message
+            elif kind == FORGET:
+                self.functions.pop(bytes(message.body[:16]), None)
+            elif kind == INIT:
+                if not self.run_initializer(message):
+                    return 1
+            elif kind == STOP:
+                return 0
+
+    def run_initializer(self, message: Message) -> bool:
+        """Run the session's initializer; on failure log it, tell the node, return False."""
+        try:
+            initializer, initargs = loads(message.body, message.buffers)
+            initializer(*initargs)
+        except BaseException as exc:
+            LOGGER.critical("Exception in initializer:", exc_info=True)
+            failure = capture_exception(exc)
+            self.channel.send(INIT_FAILED, pack_json({"error": failure.text, "type": failure.type_name}))
+            return False
+        return True
+
+    def run_task(self, message: Message) -> None:
+        """Run one task and send its RESULT message."""
+        task_id, digest, flags = TASK_HEAD.unpack_from(message.body, 0)
+        status, payload = self._call(digest, flags, message)
+        self.channel.send(RESULT, RESULT_HEAD.pack(task_id, status) + payload.body, payload.buffers)
+
+    def _call(self, digest: bytes, flags: int, message: Message) -> tuple[int, Payload]:
+        try:
+            held = self.functions.get(digest)
+            if held is None:
+                raise RuntimeError("clusterexec internal error: task refers to a function the worker does not hold")
+            fn = loads(memoryview(held.body)[16:], held.buffers)
+            args, kwargs = loads(memoryview(message.body)[TASK_HEAD.size :], message.buffers)
+        except BaseException as exc:
+            return STATUS_ERROR, dumps_failure(exc)
+        if flags & FLAG_CHUNK:
+            return self._call_chunk(fn, args[0])
+        try:
+            value = fn(*args, **kwargs) if kwargs else fn(*args)
+        except BaseException as exc:
+            return STATUS_ERROR, dumps_failure(exc)
+        del fn, args, kwargs
+        try:
+            return STATUS_OK, dumps_result(value)
+        except BaseException as exc:
+            return STATUS_ERROR, dumps_failure(exc)
+
+    def _call_chunk(self, fn: Any, chunk: list[tuple[Any, ...]]) -> tuple[int, Payload]:
+        results: list[Any] = []
+        for args in chunk:
+            try:
+                results.append(fn(*args))
+            except BaseException as exc:
+                try:
+                    return STATUS_PARTIAL, dumps((results, capture_exception(exc)))
+                except BaseException as inner:
+                    return STATUS_ERROR, dumps_failure(inner)
+        try:
+            return STATUS_OK, dumps(results)
+        except BaseException as exc:
+            return STATUS_ERROR, dumps_failure(exc)
+
+
+def main(sock: socket.socket) -> None:
+    """Entry point of a forked worker: serve, then exit without running the node's cleanup."""
+    try:
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass
+    status = 1
+    try:
+        status = Worker(sock).serve()
+    except BaseException:
+        LOGGER.exception("clusterexec worker failed")
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
