@@ -45,6 +45,15 @@ from clusterexec.specs import NodeAddress
 
 log = logging.getLogger("clusterexec")
 
+# Prefetch: beyond one task per worker, a link keeps about PREFETCH_SECONDS of work queued on
+# its node (estimated from the interval between results), between MIN_ and MAX_PREFETCH tasks.
+# Long tasks get one task of look-ahead, so work stays balanced over nodes; tiny tasks get
+# deep pipelines, so the node never waits for the client.
+PREFETCH_SECONDS = 0.004
+MIN_PREFETCH = 1
+MAX_PREFETCH = 512
+INITIAL_INTERVAL = 0.01
+
 
 class LinkState(enum.Enum):
     """Where a link to a node is in its life."""
@@ -118,6 +127,8 @@ class NodeLink:
         self.retry_at = 0.0
         self.lost_since = 0.0
         self.tasks_done = 0
+        self.last_result = 0.0
+        self.result_interval = INITIAL_INTERVAL
 
     def _set_state(self, state: LinkState) -> None:
         if state is not self.state:
@@ -255,6 +266,20 @@ class NodeLink:
                 self._set_state(LinkState.READY)
                 return messages[i + 1 :]
         return []
+
+    # ------------------------------------------------------------------ flow
+
+    def note_result(self, now: float) -> None:
+        """Account for one result, updating the estimate of the interval between results."""
+        self.tasks_done += 1
+        if self.last_result:
+            self.result_interval += 0.1 * (now - self.last_result - self.result_interval)
+        self.last_result = now
+
+    def capacity(self) -> int:
+        """How many tasks this link may have in flight: one per worker plus prefetch."""
+        extra = int(PREFETCH_SECONDS / max(self.result_interval, 1e-7))
+        return self.workers + max(MIN_PREFETCH, min(MAX_PREFETCH, extra), self.workers)
 
     # ------------------------------------------------------------------ life
 

@@ -13,6 +13,7 @@ import selectors
 import subprocess
 import sys
 import time
+from typing import BinaryIO
 
 from clusterexec.errors import ClusterError
 from clusterexec.keys import KEY_ENV, new_key
@@ -44,26 +45,31 @@ class LocalNode:
             str(workers),
             "--exit-with-stdin",
         ]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True
-        )
-        self.address = self._wait_ready(start_timeout)
+        ready_r, ready_w = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [*command, "--ready-fd", str(ready_w)], stdin=subprocess.PIPE, env=env, pass_fds=(ready_w,)
+            )
+        finally:
+            os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as ready:
+            self.address = self._wait_ready(ready, start_timeout)
 
-    def _wait_ready(self, timeout: float) -> NodeAddress:
-        stdout = self.process.stdout
-        assert stdout is not None
+    def _wait_ready(self, ready: BinaryIO, timeout: float) -> NodeAddress:
         deadline = time.monotonic() + timeout
+        data = b""
         with selectors.DefaultSelector() as selector:
-            selector.register(stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
+            selector.register(ready, selectors.EVENT_READ)
+            while time.monotonic() < deadline and b"\n" not in data:
                 if not selector.select(deadline - time.monotonic()):
                     continue
-                line = stdout.readline().decode(errors="replace")
-                if not line:
+                chunk = os.read(ready.fileno(), 4096)
+                if not chunk:
                     break
-                match = READY_LINE.search(line)
-                if match:
-                    return NodeAddress(match.group(1).strip("[]"), int(match.group(2)))
+                data += chunk
+        match = READY_LINE.search(data.decode(errors="replace"))
+        if match:
+            return NodeAddress(match.group(1).strip("[]"), int(match.group(2)))
         self.stop()
         raise ClusterError(
             f"a local clusterexec node did not start within {timeout:g}s (exit status "
@@ -80,9 +86,8 @@ class LocalNode:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        for stream in (process.stdin, process.stdout):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
+        if process.stdin is not None:
+            try:
+                process.stdin.close()
+            except OSError:
+                pass

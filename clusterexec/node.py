@@ -471,6 +471,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow listening on a non-loopback address without a key (anyone who can connect runs code)",
     )
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
 
 
@@ -511,7 +512,14 @@ def run(args: argparse.Namespace) -> int:
     shown = f"[{host}]" if ":" in host else host
 
     def ready() -> None:
-        print(f"clusterexec node listening on {shown}:{port} ({node.workers_per_session} workers)", flush=True)
+        line = f"clusterexec node listening on {shown}:{port} ({node.workers_per_session} workers)"
+        if args.ready_fd is None:
+            print(line, flush=True)
+            return
+        # A local node started by an executor: the ready line goes to the executor on its own
+        # pipe, and stdout stays the executor's, so what tasks print shows up there.
+        with os.fdopen(args.ready_fd, "w") as ready_pipe:
+            ready_pipe.write(line + "\n")
 
     node.serve_forever(ready)
     return 0

@@ -393,7 +393,7 @@ class Scheduler:
         task = link.inflight.pop(task_id, None)
         if task is None:
             return
-        link.tasks_done += 1
+        link.note_result(time.monotonic())
         body = memoryview(message.body)[RESULT_HEAD.size :]
         try:
             value, exception = decode_result(status, body, message.buffers, task_id, link.name)
@@ -470,24 +470,21 @@ class Scheduler:
     # ------------------------------------------------------------------ dispatch
 
     def _dispatch(self) -> None:
+        """Fill every ready link: first one task per free worker, round robin, then prefetch."""
         queue = self._queue
         if not queue:
             return
         ready = [link for link in self.links if link.state is LinkState.READY]
         if not ready:
             return
-        for phase in (0, 1):
+        for prefetch in (False, True):
             progress = True
             while queue and progress:
                 progress = False
                 for link in ready:
-                    limit = link.workers if phase == 0 else link.workers + max(2, link.workers)
-                    if len(link.inflight) < limit and queue:
-                        task = queue.popleft()
-                        if self._send(link, task):
-                            progress = True
-                        elif len(link.inflight) < limit:
-                            progress = True
+                    if queue and len(link.inflight) < (link.capacity() if prefetch else link.workers):
+                        self._send(link, queue.popleft())
+                        progress = True
 
     def _send(self, link: NodeLink, task: Task) -> bool:
         future = task.future

@@ -51,8 +51,14 @@ from clusterexec.protocol import (
 
 log = logging.getLogger("clusterexec.node")
 
-PIPELINE = 2
-SHORT_TASK = 0.002
+# A worker whose last task took less than SHORT_TASK seconds gets up to PIPELINE tasks at
+# once, so it never waits for the node between tiny tasks; others get one at a time, so
+# long tasks are never queued behind each other while another worker is free.
+PIPELINE = 4
+# Tasks given to workers are reported STARTED to the client only if they are still running
+# STARTED_DELAY seconds later: a quick result implies the start, and saves the client a wake-up.
+STARTED_DELAY = 0.001
+SHORT_TASK = 0.001
 KILL_GRACE = 2.0
 
 
@@ -107,7 +113,8 @@ class Session:
         self.workers: list[WorkerProcess] = []
         self.queue: deque[Message] = deque()
         self.functions: dict[bytes, Message] = {}
-        self.started: list[int] = []
+        self.started: dict[int, None] = {}
+        self.started_due = 0.0
         self.init: Message | None = None
         self.max_tasks_per_child = 0
         self.worker_count = 0
@@ -215,9 +222,8 @@ class Session:
                     break
                 if worker.short and len(worker.outstanding) < depth and self._accepting(worker):
                     self._give(worker, self.queue.popleft())
-        if self.started:
-            self._to_client(STARTED, pack_ids(self.started))
-            self.started = []
+        if self.started and not self.started_due:
+            self.started_due = time.monotonic() + STARTED_DELAY
 
     def _give(self, worker: WorkerProcess, message: Message) -> None:
         task_id, digest, _ = TASK_HEAD.unpack_from(message.body, 0)
@@ -232,7 +238,7 @@ class Session:
             worker.busy_since = time.monotonic()
         worker.outstanding.append((task_id, message))
         worker.assigned += 1
-        self.started.append(task_id)
+        self.started[task_id] = None
         self.node.want_write(worker.channel)
 
     # ------------------------------------------------------------------ worker side
@@ -267,6 +273,7 @@ class Session:
         if not worker.outstanding or worker.outstanding[0][0] != task_id:
             raise ProtocolError(f"worker {worker.pid} answered for task {task_id} out of turn")
         worker.outstanding.popleft()
+        self.started.pop(task_id, None)
         now = time.monotonic()
         worker.short = now - worker.busy_since < SHORT_TASK
         worker.busy_since = now
@@ -332,10 +339,17 @@ class Session:
     # ------------------------------------------------------------------ life
 
     def tick(self, now: float) -> float:
-        """Send a heartbeat when due; return when the next one is due."""
+        """Send STARTED reports and heartbeats when due; return when the next timer is due."""
+        if self.started_due and now >= self.started_due:
+            if self.started:
+                self._to_client(STARTED, pack_ids(list(self.started)))
+                self.started.clear()
+            self.started_due = 0.0
         if self.state in (SessionState.ACTIVE, SessionState.BROKEN) and now >= self.next_heartbeat:
             self._to_client(HEARTBEAT)
             self.next_heartbeat = now + self.heartbeat_interval
+        if self.started_due:
+            return min(self.started_due, self.next_heartbeat)
         return self.next_heartbeat
 
     def stop_workers(self) -> None:
