@@ -70,7 +70,13 @@ class LinkState(enum.Enum):
 class SessionRequest:
     """What the client asks of every node session: workers, initializer, heartbeats."""
 
-    def __init__(self, workers: int | None, max_tasks_per_child: int | None, heartbeat_interval: float, init: tuple[bytes, tuple[object, ...]] | None) -> None:
+    def __init__(
+        self,
+        workers: int | None,
+        max_tasks_per_child: int | None,
+        heartbeat_interval: float,
+        init: tuple[bytes, tuple[object, ...]] | None,
+    ) -> None:
         self.workers = workers
         self.max_tasks_per_child = max_tasks_per_child
         self.heartbeat_interval = heartbeat_interval
@@ -146,7 +152,9 @@ class NodeLink:
         try:
             infos = socket.getaddrinfo(self.address.host, self.address.port, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            self._fail(NodeUnreachableError(f"node {self.name}: cannot resolve host {self.address.host!r} ({exc.strerror})"))
+            self._fail(
+                NodeUnreachableError(f"node {self.name}: cannot resolve host {self.address.host!r} ({exc.strerror})")
+            )
             return
         family, kind, proto, _, addr = infos[0]
         sock = socket.socket(family, kind, proto)

@@ -120,7 +120,8 @@ class ClusterExecutor(Executor):
             self._max_workers = max_workers or os.cpu_count() or 1
             node = LocalNode(self._max_workers)
             self._local.append(node)
-            addresses, node_key = [node.address], node.key
+            addresses = [node.address]
+            node_key: bytes | None = node.key
             shares: list[int | None] = [self._max_workers]
         else:
             addresses = parse_nodes(nodes)
@@ -129,7 +130,7 @@ class ClusterExecutor(Executor):
             self._max_workers = max_workers or 0
         links = [
             NodeLink(address, node_key, request, share, connect_timeout)
-            for address, share in zip(addresses, shares)
+            for address, share in zip(addresses, shares, strict=True)
         ]
         self._scheduler = Scheduler(
             links,
@@ -179,7 +180,9 @@ class ClusterExecutor(Executor):
         if _global_shutdown:
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
-    def _queue(self, function: FunctionPayload | BaseException, make_payload: Callable[[], Payload], flags: int = 0) -> TaskFuture:
+    def _queue(
+        self, function: FunctionPayload | BaseException, make_payload: Callable[[], Payload], flags: int = 0
+    ) -> TaskFuture:
         future = self._scheduler.new_future()
         if isinstance(function, BaseException):
             future.set_exception(function)
@@ -239,7 +242,7 @@ class ClusterExecutor(Executor):
         except Exception as exc:
             _note(exc, f"the callable {fn!r} could not be pickled")
             function = exc
-        zipped = zip(*iterables)
+        zipped = zip(*iterables, strict=False)
         if chunksize > 1:
             source: Iterator[Any] = iter(lambda: tuple(itertools.islice(zipped, chunksize)), ())
             flags = FLAG_CHUNK

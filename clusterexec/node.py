@@ -22,8 +22,8 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import cloudpickle
 
@@ -39,7 +39,7 @@ from clusterexec.protocol import (
     RecordReader,
     ServerHandshake,
 )
-from clusterexec.session import NodeHost, Session, SessionState, WorkerProcess, WorkerState, describe_status
+from clusterexec.session import NodeHost, Session, SessionState, WorkerProcess, describe_status
 
 log = logging.getLogger("clusterexec.node")
 
@@ -235,15 +235,15 @@ class Node(NodeHost):
                 timeout = min(timeout, pending.deadline - now)
         for session in list(self.sessions.values()):
             timeout = min(timeout, max(0.0, session.tick(now) - now))
-        for pid, worker in list(self.dying.items()):
-            if now >= worker.kill_deadline:
+        for pid, dying in list(self.dying.items()):
+            if now >= dying.kill_deadline:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                worker.kill_deadline = now + 3600
+                dying.kill_deadline = now + 3600
             else:
-                timeout = min(timeout, worker.kill_deadline - now)
+                timeout = min(timeout, dying.kill_deadline - now)
         return max(timeout, 0.0)
 
     def _flush(self) -> None:

@@ -35,13 +35,13 @@ import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from clusterexec.errors import AuthenticationError, ProtocolError, VersionMismatchError
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 MAGIC = b"CLXC"
 PROTOCOL_VERSION = 1
@@ -332,9 +332,7 @@ class FrameReader:
 
     def _check_length(self, length: int) -> None:
         if length > self._max_frame:
-            raise ProtocolError(
-                f"frame of {length} bytes exceeds the limit of {self._max_frame} bytes"
-            )
+            raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max_frame} bytes")
         if length < self._opener.overhead:
             raise ProtocolError(f"frame of {length} bytes is shorter than its tag")
 

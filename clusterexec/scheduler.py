@@ -28,7 +28,6 @@ from clusterexec.protocol import (
     BROKEN,
     BYE,
     CANCEL,
-    CANCELLED as CANCELLED_KIND,
     CRASHED,
     FORGET,
     FUNC,
@@ -44,6 +43,9 @@ from clusterexec.protocol import (
     unpack_cancelled,
     unpack_ids,
     unpack_json,
+)
+from clusterexec.protocol import (
+    CANCELLED as CANCELLED_KIND,
 )
 from clusterexec.serialize import FunctionPayload, Payload, crash_error, decode_result
 
@@ -94,7 +96,7 @@ class _Reply:
         self.event.set()
 
 
-class TaskFuture(Future):  # type: ignore[type-arg]
+class TaskFuture(Future[Any]):
     """A Future whose ``cancel()`` also reaches tasks already sent ahead to a node.
 
     Such a task is cancelled on the node if it has not started there (it then never runs);
@@ -398,8 +400,11 @@ class Scheduler:
         try:
             value, exception = decode_result(status, body, message.buffers, task_id, link.name)
         except Exception as exc:
-            value, exception = None, ClusterError(
-                f"the result of task {task_id} from node {link.name} could not be unpickled here: {exc!r}"
+            value, exception = (
+                None,
+                ClusterError(
+                    f"the result of task {task_id} from node {link.name} could not be unpickled here: {exc!r}"
+                ),
             )
         self._finish_task(task, value, exception)
 

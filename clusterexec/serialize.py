@@ -196,7 +196,7 @@ def rebuild_exception(failure: RemoteFailure, where: str) -> BaseException:
             exc = exc.with_traceback(tblib.Traceback.from_dict(failure.traceback).as_traceback())
         except Exception:
             pass
-    exc.__cause__ = _RemoteTraceback(f'\n"""\n{failure.text}"""')
+    exc.__cause__ = _RemoteTraceback(f'\n"""\n{failure.text}"""')  # type: ignore[arg-type]
     if sys.version_info >= (3, 11):
         exc.add_note(f"raised {where}")
     return exc

@@ -39,6 +39,7 @@ from clusterexec.protocol import (
     TASK_HEAD,
     TASK_ID,
     WELCOME,
+    Buffer,
     Message,
     PlainOpener,
     PlainSealer,
@@ -126,7 +127,7 @@ class Session:
 
     # ------------------------------------------------------------------ client side
 
-    def _to_client(self, kind: int, body: bytes | memoryview = b"", buffers: list | None = None) -> None:
+    def _to_client(self, kind: int, body: Buffer = b"", buffers: list[Buffer] | None = None) -> None:
         self.channel.send(kind, body, buffers or ())
         self.node.want_write(self.channel)
 
@@ -315,7 +316,9 @@ class Session:
                 "maxrss_kb": maxrss_kb,
             }
             self._to_client(CRASHED, TASK_ID.pack(running) + pack_json(info))
-            log.warning("worker %d of session %s died (%s) running task %d", worker.pid, self.peer, description, running)
+            log.warning(
+                "worker %d of session %s died (%s) running task %d", worker.pid, self.peer, description, running
+            )
             self._requeue(worker)
         else:
             log.warning("worker %d of session %s died (%s) while idle", worker.pid, self.peer, description)
@@ -411,4 +414,3 @@ class NodeHost:
     def want_write(self, channel: Channel) -> None:
         """Note that a channel has output to flush."""
         raise NotImplementedError
-
