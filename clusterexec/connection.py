@@ -128,6 +128,7 @@ class NodeLink:
         self.inflight: dict[int, Any] = {}
         self.functions: OrderedDict[bytes, int] = OrderedDict()
         self.function_refs: dict[bytes, int] = {}
+        self.modules_sent: set[bytes] = set()
         self.last_heard = 0.0
         self.attempts = 0
         self.retry_at = 0.0
@@ -147,6 +148,10 @@ class NodeLink:
         """Start a non-blocking connect. Errors end in the LOST state with ``error`` set."""
         self.attempts += 1
         self.error = None
+        # A new connection is a new session: the node holds none of what was sent before.
+        self.functions.clear()
+        self.function_refs.clear()
+        self.modules_sent.clear()
         self._records = RecordReader(max_records=1)
         self.deadline = now + self.connect_timeout
         try:
@@ -283,6 +288,11 @@ class NodeLink:
         if self.last_result:
             self.result_interval += 0.1 * (now - self.last_result - self.result_interval)
         self.last_result = now
+
+    def python_version(self) -> str:
+        """The node's Python version as ``major.minor`` ('' if not known yet)."""
+        version = str(self.info.get("python", ""))
+        return ".".join(version.split(".")[:2])
 
     def capacity(self) -> int:
         """How many tasks this link may have in flight: one per worker plus prefetch."""

@@ -25,6 +25,7 @@ from clusterexec.local import LocalNode
 from clusterexec.protocol import FLAG_CHUNK
 from clusterexec.scheduler import Scheduler, Task, TaskFuture
 from clusterexec.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
+from clusterexec.shipping import ModuleCatalog
 from clusterexec.specs import NodeAddress, parse_nodes
 
 T = TypeVar("T")
@@ -87,6 +88,8 @@ class ClusterExecutor(Executor):
         heartbeat_interval: float = 1.0,
         heartbeat_timeout: float = 10.0,
         reconnect_window: float = 30.0,
+        modules: Iterable[types.ModuleType | str] = (),
+        auto_modules: bool = True,
         mp_context: object = None,
     ) -> None:
         if isinstance(nodes, int) and not isinstance(nodes, bool):
@@ -111,10 +114,13 @@ class ClusterExecutor(Executor):
         self._shutdown = False
         self._functions: weakref.WeakKeyDictionary[Callable[..., Any], FunctionPayload] = weakref.WeakKeyDictionary()
         self._local: list[LocalNode] = []
+        self._catalog = ModuleCatalog(list(modules), auto=auto_modules)
+        preload = self._catalog.explicit
         init = None
         if initializer is not None:
-            payload = dumps((initializer, tuple(initargs)))
+            payload = dumps((initializer, tuple(initargs)), self._catalog)
             init = (payload.body, payload.buffers)
+            preload = preload + payload.modules
         request = SessionRequest(None, max_tasks_per_child, heartbeat_interval, init)
         if nodes is None:
             self._max_workers = max_workers or os.cpu_count() or 1
@@ -138,6 +144,7 @@ class ClusterExecutor(Executor):
             heartbeat_timeout=heartbeat_timeout,
             reconnect_window=reconnect_window,
             closers=[n.stop for n in self._local],
+            preload=preload,
         )
         self._scheduler.start()
         _live.add(self._scheduler)
@@ -166,10 +173,10 @@ class ClusterExecutor(Executor):
         if isinstance(fn, types.FunctionType):
             cached = self._functions.get(fn)
             if cached is None:
-                cached = pickle_function(fn)
+                cached = pickle_function(fn, self._catalog)
                 self._functions[fn] = cached
             return cached
-        return pickle_function(fn)
+        return pickle_function(fn, self._catalog)
 
     def _check_open(self) -> None:
         broken = self._scheduler.broken
@@ -211,7 +218,7 @@ class ClusterExecutor(Executor):
         except Exception as exc:
             _note(exc, f"the callable {fn!r} could not be pickled")
             function = exc
-        return self._queue(function, lambda: dumps_call(args, kwargs))
+        return self._queue(function, lambda: dumps_call(args, kwargs, self._catalog))
 
     def map(
         self,
@@ -238,10 +245,11 @@ class ClusterExecutor(Executor):
         with self._shutdown_lock:
             self._check_open()
         try:
-            function: FunctionPayload | BaseException = pickle_function(fn)
+            function: FunctionPayload | BaseException = pickle_function(fn, self._catalog)
         except Exception as exc:
             _note(exc, f"the callable {fn!r} could not be pickled")
             function = exc
+        catalog = self._catalog
         zipped = zip(*iterables, strict=False)
         if chunksize > 1:
             source: Iterator[Any] = iter(lambda: tuple(itertools.islice(zipped, chunksize)), ())
@@ -251,8 +259,8 @@ class ClusterExecutor(Executor):
 
         def queue(item: Any) -> TaskFuture:
             if flags:
-                return self._queue(function, lambda: dumps_call((list(item),), {}), flags)
-            return self._queue(function, lambda: dumps_call(item, {}))
+                return self._queue(function, lambda: dumps_call((list(item),), {}, catalog), flags)
+            return self._queue(function, lambda: dumps_call(item, {}, catalog))
 
         if buffersize is None:
             futures = deque(queue(item) for item in source)

@@ -75,6 +75,7 @@ CANCEL = 4
 FORGET = 5
 BYE = 6
 PING = 7
+MODULES = 8
 # Node to client.
 WELCOME = 20
 STARTED = 21
@@ -83,7 +84,7 @@ CANCELLED = 23
 CRASHED = 24
 HEARTBEAT = 25
 BROKEN = 26
-# Node to worker (TASK, FUNC and FORGET are forwarded as they came).
+# Node to worker (TASK, FUNC, FORGET and MODULES are forwarded as they came).
 INIT = 40
 STOP = 41
 # Worker to node (RESULT is forwarded as it came).

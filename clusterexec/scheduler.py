@@ -14,6 +14,7 @@ import itertools
 import logging
 import selectors
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -32,6 +33,7 @@ from clusterexec.protocol import (
     FORGET,
     FUNC,
     HEARTBEAT,
+    MODULES,
     RESULT,
     RESULT_HEAD,
     STARTED,
@@ -48,6 +50,7 @@ from clusterexec.protocol import (
     CANCELLED as CANCELLED_KIND,
 )
 from clusterexec.serialize import FunctionPayload, Payload, crash_error, decode_result
+from clusterexec.shipping import ModuleSource, encode_sources
 
 log = logging.getLogger("clusterexec")
 
@@ -131,8 +134,10 @@ class Scheduler:
         heartbeat_timeout: float,
         reconnect_window: float,
         closers: Iterable[Callable[[], None]] = (),
+        preload: tuple[ModuleSource, ...] = (),
     ) -> None:
         self.links = links
+        self.preload = preload
         self.retries = retries
         self.heartbeat_timeout = heartbeat_timeout
         self.reconnect_window = reconnect_window
@@ -501,6 +506,10 @@ class Scheduler:
         channel = link.channel
         assert channel is not None
         function = task.function
+        if (function.payload.by_value or task.payload.by_value) and link.python_version() != LOCAL_PYTHON:
+            self._fail(task, version_skew_error(task.task_id, link.name, link.python_version()))
+            return False
+        self._ship_modules(link, function.payload.modules + task.payload.modules)
         digest = function.digest
         if digest in link.functions:
             link.functions.move_to_end(digest)
@@ -513,6 +522,18 @@ class Scheduler:
         link.inflight[task.task_id] = task
         task.link = link
         return True
+
+    def _ship_modules(self, link: NodeLink, needed: tuple[ModuleSource, ...]) -> None:
+        """Send the module sources this link's session lacks, once per session."""
+        sent = link.modules_sent
+        missing = [m for m in self.preload + needed if m.digest not in sent]
+        if not missing:
+            return
+        unique = list({m.digest: m for m in missing}.values())
+        body, buffers = encode_sources(unique)
+        assert link.channel is not None
+        link.channel.send(MODULES, body, buffers)
+        sent.update(m.digest for m in unique)
 
     def _evict_functions(self, link: NodeLink) -> None:
         assert link.channel is not None
@@ -598,6 +619,20 @@ class Scheduler:
         self._wake_r.close()
         self._wake_w.close()
         self.first_round.set()
+
+
+LOCAL_PYTHON = "{}.{}".format(*sys.version_info[:2])
+
+
+def version_skew_error(task_id: int, node: str, remote: str) -> ClusterError:
+    """The error for bytecode that cannot run on a node's other Python minor version."""
+    return ClusterError(
+        f"task {task_id} cannot run on node {node}: its function or arguments hold code pickled by value "
+        f"(a lambda, closure, or function defined inside another), and bytecode does not travel between "
+        f"Python versions: this client runs Python {LOCAL_PYTHON}, node {node} runs Python {remote}. "
+        "Move the function to the top level of a module (it then travels by source), or run the same "
+        "Python version on both sides."
+    )
 
 
 def _release_function(link: NodeLink, digest: bytes) -> None:

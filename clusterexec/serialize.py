@@ -9,6 +9,7 @@ rebuild the same exception type, or fall back to :class:`~clusterexec.errors.Rem
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 import sys
 import traceback
@@ -21,6 +22,7 @@ import cloudpickle
 import tblib
 
 from clusterexec.errors import RemoteError, WorkerCrashedError
+from clusterexec.shipping import ModuleCatalog, ModuleSource, ShippingPickler, needed_sources
 
 PROTOCOL = 5
 OUT_OF_BAND_MIN = 64 * 1024
@@ -31,10 +33,13 @@ _PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 
 @dataclass(frozen=True)
 class Payload:
-    """A pickled object: the pickle stream and its out-of-band buffers."""
+    """A pickled object: the pickle stream, its out-of-band buffers, the module sources it
+    needs on the worker, and whether it holds bytecode (``by_value``)."""
 
     body: bytes
     buffers: tuple[Any, ...] = ()
+    modules: tuple[ModuleSource, ...] = ()
+    by_value: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -54,8 +59,12 @@ def _keep_small_in_band(buffer: pickle.PickleBuffer) -> bool:
     return buffer.raw().nbytes < OUT_OF_BAND_MIN
 
 
-def dumps(obj: object) -> Payload:
-    """Pickle ``obj`` (cloudpickle, protocol 5, large buffers out of band).
+_NO_SHIPPING = ModuleCatalog(auto=False)
+
+
+def dumps(obj: object, catalog: ModuleCatalog | None = None) -> Payload:
+    """Pickle ``obj`` (cloudpickle, protocol 5, large buffers out of band), noting the user
+    modules it needs when a ``catalog`` is given.
 
     Raises whatever pickling raises (``PicklingError``, ``TypeError``...).
     """
@@ -67,15 +76,19 @@ def dumps(obj: object) -> Payload:
         buffers.append(buffer)
         return False
 
-    body = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=collect)
-    return Payload(body, tuple(b.raw() for b in buffers))
+    catalog = catalog or _NO_SHIPPING
+    out = io.BytesIO()
+    pickler = ShippingPickler(out, catalog, buffer_callback=collect)
+    pickler.dump(obj)
+    modules = needed_sources(catalog, pickler) if catalog.auto else ()
+    return Payload(out.getvalue(), tuple(b.raw() for b in buffers), modules, pickler.by_value)
 
 
-def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Payload:
+def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any], catalog: ModuleCatalog | None = None) -> Payload:
     """Pickle a task's arguments; plain scalars take the fast C pickler."""
     if not kwargs and all(type(a) in _PLAIN_TYPES for a in args):
         return Payload(pickle.dumps((args, None), PROTOCOL))
-    return dumps((args, kwargs or None))
+    return dumps((args, kwargs or None), catalog)
 
 
 def dumps_result(value: object) -> Payload:
@@ -98,9 +111,9 @@ def digest_of(payload: Payload) -> bytes:
     return h.digest()
 
 
-def pickle_function(fn: Callable[..., Any]) -> FunctionPayload:
+def pickle_function(fn: Callable[..., Any], catalog: ModuleCatalog | None = None) -> FunctionPayload:
     """Pickle a callable once and name it by digest."""
-    payload = dumps(fn)
+    payload = dumps(fn, catalog)
     return FunctionPayload(digest_of(payload), payload)
 
 

@@ -30,6 +30,7 @@ from clusterexec.protocol import (
     HEARTBEAT,
     INIT,
     INIT_FAILED,
+    MODULES,
     PING,
     RESULT,
     SESSION,
@@ -117,6 +118,7 @@ class Session:
         self.started: dict[int, None] = {}
         self.started_due = 0.0
         self.init: Message | None = None
+        self.modules: list[Message] = []
         self.max_tasks_per_child = 0
         self.worker_count = 0
         self.heartbeat_interval = 1.0
@@ -149,6 +151,10 @@ class Session:
                 self._cancel(unpack_ids(message.body))
             elif kind == FORGET:
                 self._forget(bytes(message.body[:16]))
+            elif kind == MODULES:
+                self.modules.append(message)
+                for worker in self.workers:
+                    self._to_worker(worker, message)
             elif kind == SESSION:
                 self._open(message)
             elif kind == BYE:
@@ -253,8 +259,13 @@ class Session:
         self.workers.append(worker)
         self.node.watch_worker(self, worker)
         if self.init is not None:
-            worker.channel.send(INIT, self.init.body, self.init.buffers)
-            self.node.want_write(worker.channel)
+            self._to_worker(worker, self.init)
+        for message in self.modules:
+            self._to_worker(worker, message)
+
+    def _to_worker(self, worker: WorkerProcess, message: Message) -> None:
+        worker.channel.send(message.kind, message.body, message.buffers)
+        self.node.want_write(worker.channel)
 
     def on_worker_messages(self, worker: WorkerProcess, messages: list[Message]) -> None:
         """Handle messages from one worker: forward results, note failures."""

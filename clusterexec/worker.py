@@ -20,6 +20,7 @@ from clusterexec.protocol import (
     FUNC,
     INIT,
     INIT_FAILED,
+    MODULES,
     RESULT,
     RESULT_HEAD,
     STATUS_ERROR,
@@ -34,6 +35,7 @@ from clusterexec.protocol import (
     pack_json,
 )
 from clusterexec.serialize import Payload, capture_exception, dumps, dumps_failure, dumps_result, loads
+from clusterexec.shipping import ShippedModules
 
 LOGGER = logging.getLogger("concurrent.futures")
 
@@ -44,6 +46,9 @@ class Worker:
     def __init__(self, sock: socket.socket) -> None:
         self.channel = BlockingChannel(sock, PlainSealer(), PlainOpener())
         self.functions: dict[bytes, Message] = {}
+        self.shipped = ShippedModules()
+        self.shipped.install()
+        self.init: Message | None = None
 
     def serve(self) -> int:
         """Handle messages until STOP or the node goes away; return the exit status."""
@@ -54,14 +59,20 @@ class Worker:
                 return 0
             kind = message.kind
             if kind == TASK:
+                if self.init is not None:
+                    init, self.init = self.init, None
+                    if not self.run_initializer(init):
+                        return 1
                 self.run_task(message)
+            elif kind == MODULES:
+                self.shipped.add(message.body, message.buffers)
             elif kind == FUNC:
                 self.functions[bytes(message.body[:16])] = message
             elif kind == FORGET:
                 self.functions.pop(bytes(message.body[:16]), None)
             elif kind == INIT:
-                if not self.run_initializer(message):
-                    return 1
+                # Run just before the first task, once the modules it may need have arrived.
+                self.init = message
             elif kind == STOP:
                 return 0
 
@@ -91,6 +102,11 @@ class Worker:
             fn = loads(memoryview(held.body)[16:], held.buffers)
             args, kwargs = loads(memoryview(message.body)[TASK_HEAD.size :], message.buffers)
         except BaseException as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(
+                    "while loading the task's function and arguments on the worker: the modules they "
+                    "need must be installed on the node or shipped (ClusterExecutor(modules=[...]))"
+                )
             return STATUS_ERROR, dumps_failure(exc)
         if flags & FLAG_CHUNK:
             return self._call_chunk(fn, args[0])

@@ -1,0 +1,340 @@
+"""Module shipping: the user's modules travel by source and are imported from it on workers.
+
+Client side: :class:`ModuleCatalog` finds which modules are the user's own (not the standard
+library, not installed in site-packages, not clusterexec) and reads their source, a package as
+its whole tree; :class:`ShippingPickler` notes every user module a pickle refers to and sends
+functions and classes of the main script by name, as ``__mp_main__.<qualname>`` (the main
+script is re-run on the worker under that name, so ``if __name__ == "__main__":`` blocks do
+not run there, as with multiprocessing's spawn).
+
+Worker side: :class:`ShippedModules` is a meta-path finder placed first on ``sys.meta_path``
+that imports shipped modules from their source, and registers that source with ``linecache``
+so remote tracebacks show code lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import io
+import linecache
+import os
+import pickle
+import site
+import sys
+import sysconfig
+import types
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from clusterexec.errors import ConfigurationError
+
+MAIN_NAME = "__mp_main__"
+NEVER_SHIPPED = frozenset({"clusterexec", "__main__", MAIN_NAME, "builtins"})
+
+
+@dataclass(frozen=True)
+class ModuleSource:
+    """The source of one module as shipped: name, whether it is a package, file, text."""
+
+    name: str
+    is_package: bool
+    filename: str
+    source: bytes
+    digest: bytes
+
+
+def _installed_roots() -> tuple[str, ...]:
+    roots: set[str] = set()
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_paths().get(key)
+        if path:
+            roots.add(os.path.realpath(path))
+    for getter in (site.getsitepackages, lambda: [site.getusersitepackages()]):
+        try:
+            roots.update(os.path.realpath(p) for p in getter())
+        except Exception:  # site may be stripped down in embedded interpreters
+            pass
+    for prefix in {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}:
+        roots.add(os.path.realpath(os.path.join(prefix, "lib")))
+    return tuple(sorted(roots))
+
+
+_ROOTS = _installed_roots()
+
+
+def is_user_module(module: types.ModuleType) -> bool:
+    """True for a module of the user's own code: a Python file outside stdlib and site-packages."""
+    name = module.__name__
+    if name.partition(".")[0] in NEVER_SHIPPED or name in sys.builtin_module_names:
+        return False
+    filename = getattr(module, "__file__", None)
+    if not filename or not filename.endswith(".py"):
+        return False
+    path = os.path.realpath(filename)
+    return not any(path.startswith(root + os.sep) for root in _ROOTS)
+
+
+def _read_source(name: str, filename: str, is_package: bool) -> ModuleSource:
+    try:
+        with open(filename, "rb") as f:
+            source = f.read()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the source of module {name} ({filename}): {exc.strerror}") from None
+    digest = hashlib.blake2b(name.encode() + b"\0" + source, digest_size=16).digest()
+    return ModuleSource(name, is_package, filename, source, digest)
+
+
+def _package_tree(package: types.ModuleType) -> list[ModuleSource]:
+    """Every .py file of a package, as modules named after their place in the tree."""
+    out: list[ModuleSource] = []
+    roots = list(getattr(package, "__path__", []))
+    for root in roots:
+        for directory, subdirs, files in os.walk(root):
+            subdirs[:] = sorted(d for d in subdirs if d.isidentifier())
+            relative = os.path.relpath(directory, root)
+            prefix = package.__name__ if relative == "." else f"{package.__name__}.{relative.replace(os.sep, '.')}"
+            if relative != "." and "__init__.py" not in files:
+                continue
+            for file in sorted(files):
+                if not file.endswith(".py") or not file[:-3].isidentifier():
+                    continue
+                path = os.path.join(directory, file)
+                if file == "__init__.py":
+                    out.append(_read_source(prefix, path, True))
+                else:
+                    out.append(_read_source(f"{prefix}.{file[:-3]}", path, False))
+    return out
+
+
+class ModuleCatalog:
+    """The client's view of shippable modules: sources read once, dependencies followed.
+
+    Thread-safe enough for its use: entries are only ever added, and a race reads a file twice.
+    """
+
+    def __init__(self, explicit: Sequence[types.ModuleType | str] = (), auto: bool = True) -> None:
+        self.auto = auto
+        self._sources: dict[str, tuple[ModuleSource, ...]] = {}
+        self.explicit: tuple[ModuleSource, ...] = tuple(s for m in explicit for s in self._explicit(m))
+
+    def _explicit(self, module: types.ModuleType | str) -> tuple[ModuleSource, ...]:
+        if isinstance(module, str):
+            try:
+                module = importlib.import_module(module)
+            except ImportError as exc:
+                raise ConfigurationError(f"modules=: cannot import {module!r} here: {exc}") from None
+        if not isinstance(module, types.ModuleType):
+            raise ConfigurationError(f"modules= takes modules, packages or dotted names, not {module!r}")
+        filename = getattr(module, "__file__", None)
+        if not filename or not filename.endswith(".py"):
+            kind = "a C extension" if filename else "built in or frozen"
+            raise ConfigurationError(
+                f"modules=: module {module.__name__} has no Python source to ship ({kind}); install it on every node"
+            )
+        return self.sources_of(module, follow=True)
+
+    def sources_of(self, module: types.ModuleType, follow: bool = True) -> tuple[ModuleSource, ...]:
+        """The sources to ship for ``module``: its top-level package's whole tree (or the module
+        itself), plus, with ``follow``, the user modules those refer to."""
+        top_name = module.__name__.partition(".")[0]
+        top = sys.modules.get(top_name, module)
+        key = top.__name__
+        cached = self._sources.get(key)
+        if cached is not None:
+            return cached
+        own: list[ModuleSource] = []
+        if hasattr(top, "__path__") and getattr(top, "__file__", None):
+            own = _package_tree(top)
+        elif getattr(top, "__file__", None):
+            own = [_read_source(top.__name__, top.__file__, False)]  # type: ignore[arg-type]
+        self._sources[key] = tuple(own)
+        if follow:
+            extra: list[ModuleSource] = []
+            for dependency in _referenced_user_modules(top, own):
+                extra.extend(s for s in self.sources_of(dependency) if s not in own and s not in extra)
+            self._sources[key] = tuple(own) + tuple(extra)
+        return self._sources[key]
+
+    def main_source(self) -> ModuleSource | None:
+        """The main script's source, to re-run as ``__mp_main__`` on workers (None if interactive)."""
+        cached = self._sources.get(MAIN_NAME)
+        if cached is not None:
+            return cached[0] if cached else None
+        main = sys.modules.get("__main__")
+        filename = getattr(main, "__file__", None)
+        if main is None or not filename or not filename.endswith(".py") or not os.path.exists(filename):
+            self._sources[MAIN_NAME] = ()
+            return None
+        source = _read_source(MAIN_NAME, filename, False)
+        self._sources[MAIN_NAME] = (source,)
+        sys.modules.setdefault(MAIN_NAME, main)
+        return source
+
+
+def _referenced_user_modules(top: types.ModuleType, own: Sequence[ModuleSource]) -> list[types.ModuleType]:
+    names = {s.name for s in own}
+    found: list[types.ModuleType] = []
+    for name in names:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        for value in list(vars(module).values()):
+            candidate: types.ModuleType | None = None
+            if isinstance(value, types.ModuleType):
+                candidate = value
+            else:
+                owner = getattr(value, "__module__", None)
+                if isinstance(owner, str) and isinstance(value, (type, types.FunctionType)):
+                    candidate = sys.modules.get(owner)
+            if (
+                candidate is not None
+                and candidate.__name__.partition(".")[0] != top.__name__
+                and is_user_module(candidate)
+                and candidate not in found
+            ):
+                found.append(candidate)
+    return found
+
+
+def resolve_main(qualname: str) -> Any:
+    """Find a function or class of the re-run main script on a worker, by qualified name."""
+    obj: Any = importlib.import_module(MAIN_NAME)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_main_toplevel(obj: Any) -> str | None:
+    if getattr(obj, "__module__", None) != "__main__":
+        return None
+    qualname = getattr(obj, "__qualname__", "")
+    if not qualname or "<" in qualname:
+        return None
+    target: Any = sys.modules.get("__main__")
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    return qualname if target is obj else None
+
+
+class ShippingPickler(cloudpickle.Pickler):
+    """A cloudpickle Pickler that notes the user modules a pickle needs.
+
+    After ``dump``: ``modules`` holds the user modules referred to, ``uses_main`` whether the
+    main script is needed on the worker, ``by_value`` whether any code was pickled as bytecode
+    (which only a worker on the same Python minor version can load).
+    """
+
+    def __init__(self, file: io.BytesIO, catalog: ModuleCatalog, **kwargs: Any) -> None:
+        super().__init__(file, protocol=5, **kwargs)
+        self.catalog = catalog
+        self.modules: dict[str, types.ModuleType] = {}
+        self.uses_main = False
+        self.by_value = False
+
+    def _note(self, name: object) -> None:
+        if not isinstance(name, str) or name in self.modules:
+            return
+        module = sys.modules.get(name)
+        if module is not None and is_user_module(module):
+            self.modules[name] = module
+
+    def reducer_override(self, obj: Any) -> Any:
+        """Send main-script objects by name; note user modules; flag code sent as bytecode."""
+        if isinstance(obj, (types.FunctionType, type)):
+            if self.catalog.auto:
+                qualname = _is_main_toplevel(obj)
+                if qualname is not None and self.catalog.main_source() is not None:
+                    self.uses_main = True
+                    return resolve_main, (qualname,)
+                self._note(getattr(obj, "__module__", None))
+            result = super().reducer_override(obj)
+            if result is not NotImplemented:
+                self.by_value = True
+            return result
+        if isinstance(obj, types.ModuleType) and self.catalog.auto:
+            self._note(obj.__name__)
+        return super().reducer_override(obj)
+
+
+def needed_sources(catalog: ModuleCatalog, pickler: ShippingPickler) -> tuple[ModuleSource, ...]:
+    """The module sources a pickle made by ``pickler`` needs on the worker, in import order."""
+    out: list[ModuleSource] = []
+    if pickler.uses_main:
+        main = catalog.main_source()
+        if main is not None:
+            out.append(main)
+    for module in pickler.modules.values():
+        for source in catalog.sources_of(module):
+            if source not in out:
+                out.append(source)
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def encode_sources(sources: Iterable[ModuleSource]) -> tuple[bytes, list[bytes]]:
+    """A MODULES message body (the table, plainly pickled) and its buffers (the sources)."""
+    items = list(sources)
+    table = [(s.name, s.is_package, s.filename, s.digest) for s in items]
+    return pickle.dumps(table, 5), [s.source for s in items]
+
+
+class ShippedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """A meta-path finder serving the modules shipped by the client, first on ``sys.meta_path``."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, ModuleSource] = {}
+
+    def install(self) -> None:
+        """Put this finder first on ``sys.meta_path`` (once)."""
+        if self not in sys.meta_path:
+            sys.meta_path.insert(0, self)
+
+    def add(self, body: Any, buffers: Sequence[Any]) -> None:
+        """Register the modules of a MODULES message (the table is plain data, no code)."""
+        table = pickle.loads(body)
+        for (name, is_package, filename, digest), source in zip(table, buffers, strict=True):
+            text = bytes(source)
+            self.sources[name] = ModuleSource(name, is_package, filename, text, digest)
+            lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)
+            linecache.cache[filename] = (len(text), None, lines, filename)
+            if name == MAIN_NAME and getattr(sys.modules.get(name), "__loader__", None) is not self:
+                # multiprocessing aliases __mp_main__ to the node's own __main__: replace it.
+                sys.modules.pop(name, None)
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        """Find a shipped module by name."""
+        shipped = self.sources.get(fullname)
+        if shipped is None:
+            return None
+        spec = importlib.util.spec_from_loader(fullname, self, origin=shipped.filename, is_package=shipped.is_package)
+        if spec is not None:
+            spec.has_location = True
+            if shipped.is_package:
+                spec.submodule_search_locations = []
+        return spec
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        """Default module creation."""
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        """Run a shipped module's source; errors name the module."""
+        shipped = self.sources[module.__name__]
+        module.__file__ = shipped.filename
+        if module.__name__ == MAIN_NAME:
+            sys.modules["__main__"] = module
+        try:
+            code = compile(shipped.source, shipped.filename, "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"in module {shipped.name}, shipped by the client")
+            raise
+        exec(code, module.__dict__)
