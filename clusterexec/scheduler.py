@@ -404,13 +404,13 @@ class Scheduler:
         body = memoryview(message.body)[RESULT_HEAD.size :]
         try:
             value, exception = decode_result(status, body, message.buffers, task_id, link.name)
-        except Exception as exc:
-            value, exception = (
-                None,
-                ClusterError(
-                    f"the result of task {task_id} from node {link.name} could not be unpickled here: {exc!r}"
-                ),
+        except BaseException as exc:  # even SystemExit from a __reduce__ must not stop this thread
+            error = ClusterError(
+                f"the result of task {task_id} from node {link.name} could not be unpickled here: {exc!r}; "
+                "make sure the classes it holds can be imported on the client"
             )
+            error.__cause__ = exc
+            value, exception = None, error
         self._finish_task(task, value, exception)
 
     def _finish_task(self, task: Task, value: object = None, exception: BaseException | None = None) -> None:
