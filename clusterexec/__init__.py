@@ -1,13 +1,15 @@
 """clusterexec: a ``concurrent.futures`` executor whose workers live on TCP nodes.
 
 ``ClusterExecutor`` is a drop-in for ``ProcessPoolExecutor``; see the README and ``docs/``.
+The executor is imported on first use, so ``python -m clusterexec.node`` starts quickly.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
 
-from clusterexec.errors import (  # noqa: E402
+from clusterexec._version import __version__
+from clusterexec.errors import (
     AuthenticationError,
     BrokenCluster,
     ClusterError,
@@ -20,7 +22,18 @@ from clusterexec.errors import (  # noqa: E402
     VersionMismatchError,
     WorkerCrashedError,
 )
-from clusterexec.executor import ClusterExecutor  # noqa: E402
+
+if TYPE_CHECKING:
+    from clusterexec.executor import ClusterExecutor
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ClusterExecutor":
+        from clusterexec.executor import ClusterExecutor
+
+        return ClusterExecutor
+    raise AttributeError(f"module 'clusterexec' has no attribute {name!r}")
+
 
 __all__ = [
     "AuthenticationError",

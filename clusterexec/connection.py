@@ -20,7 +20,7 @@ from typing import Any
 
 import cloudpickle
 
-from clusterexec import __version__
+from clusterexec._version import __version__
 from clusterexec.channel import Channel, ConnectionClosed
 from clusterexec.errors import (
     AuthenticationError,
@@ -147,7 +147,6 @@ class NodeLink:
     def connect(self, now: float) -> None:
         """Start a non-blocking connect. Errors end in the LOST state with ``error`` set."""
         self.attempts += 1
-        self.error = None
         # A new connection is a new session: the node holds none of what was sent before.
         self.functions.clear()
         self.function_refs.clear()
@@ -276,6 +275,7 @@ class NodeLink:
                 workers = welcome.get("workers")
                 self.workers = workers if isinstance(workers, int) and workers > 0 else 1
                 self.attempts = 0
+                self.error = None
                 self._set_state(LinkState.READY)
                 return messages[i + 1 :]
         return []

@@ -18,14 +18,14 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from clusterexec.connection import LinkState, NodeLink, SessionRequest
+from clusterexec.connection import NodeLink, SessionRequest
 from clusterexec.errors import AuthenticationError, BrokenCluster, NodeUnreachableError
 from clusterexec.keys import resolve_key
 from clusterexec.local import LocalNode
 from clusterexec.protocol import FLAG_CHUNK
-from clusterexec.scheduler import Scheduler, Task, TaskFuture
+from clusterexec.scheduler import Scheduler, Task, TaskFuture, cancel_and_notify
 from clusterexec.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
-from clusterexec.shipping import ModuleCatalog
+from clusterexec.shipping import ModuleCatalog, rerunning_main
 from clusterexec.specs import NodeAddress, parse_nodes
 
 T = TypeVar("T")
@@ -92,6 +92,12 @@ class ClusterExecutor(Executor):
         auto_modules: bool = True,
         mp_context: object = None,
     ) -> None:
+        if rerunning_main():
+            raise RuntimeError(
+                "a ClusterExecutor was created while a worker re-ran the main script to find the task "
+                "functions defined in it; put the code that creates the executor under "
+                "`if __name__ == \"__main__\":`, as with multiprocessing's spawn"
+            )
         if isinstance(nodes, int) and not isinstance(nodes, bool):
             if max_workers is not None:
                 raise TypeError("pass max_workers either as the first argument or by name, not both")
@@ -150,14 +156,15 @@ class ClusterExecutor(Executor):
         _live.add(self._scheduler)
         self._finalizer = weakref.finalize(self, _stop_scheduler, self._scheduler)
         self._scheduler.first_round.wait(connect_timeout + 5.0)
-        self._check_connected(links)
+        self._check_connected()
         if nodes is not None and not self._max_workers:
             self._max_workers = sum(link.workers for link in links)
 
-    def _check_connected(self, links: list[NodeLink]) -> None:
-        if any(link.state is LinkState.READY for link in links):
+    def _check_connected(self) -> None:
+        outcome = self._scheduler.first_outcome
+        if any(ready for ready, _ in outcome):
             return
-        errors = [link.error for link in links if link.error is not None]
+        errors = [error for _, error in outcome if error is not None]
         self.shutdown(wait=True)
         auth = [e for e in errors if isinstance(e, AuthenticationError)]
         if auth:
@@ -257,16 +264,23 @@ class ClusterExecutor(Executor):
         else:
             source, flags = zipped, 0
 
+        # The iterator holds the executor weakly, as CPython's does: a forgotten executor
+        # can be collected (and its nodes stopped) while an unfinished map is still around.
+        executor_ref = weakref.ref(self)
+
         def queue(item: Any) -> TaskFuture:
+            executor = executor_ref()
+            if executor is None:
+                raise RuntimeError("cannot schedule new futures after the executor was garbage-collected")
             if flags:
-                return self._queue(function, lambda: dumps_call((list(item),), {}, catalog), flags)
-            return self._queue(function, lambda: dumps_call(item, {}, catalog))
+                return executor._queue(function, lambda: dumps_call((list(item),), {}, catalog), flags)
+            return executor._queue(function, lambda: dumps_call(item, {}, catalog))
 
         if buffersize is None:
             futures = deque(queue(item) for item in source)
         else:
             futures = deque(queue(item) for item in itertools.islice(source, buffersize))
-        return _results(futures, source if buffersize else None, weakref.ref(self), queue, end_time, bool(flags))
+        return _results(futures, source if buffersize else None, executor_ref, queue, end_time, bool(flags))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; with ``wait``, block until pending tasks are done and nodes closed.
@@ -322,7 +336,7 @@ def _results(
                 scheduler.cancel_all(futures)
             else:
                 for future in futures:
-                    Future.cancel(future)
+                    cancel_and_notify(future)
 
 
 def _spread(total: int | None, count: int) -> list[int | None]:

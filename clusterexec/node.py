@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import cloudpickle
 
-from clusterexec import __version__, worker
+from clusterexec import worker
+from clusterexec._version import __version__
 from clusterexec.channel import Channel, ConnectionClosed
 from clusterexec.errors import AuthenticationError, ClusterError, ProtocolError, VersionMismatchError
 from clusterexec.keys import resolve_key
@@ -484,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"clusterexec node: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.workers < 0:
-        print("clusterexec node: --workers must be 1 or more", file=sys.stderr)
+        print("clusterexec node: --workers must be 0 (one per CPU) or more", file=sys.stderr)
         return EXIT_USAGE
     if key is None and not is_loopback(args.host) and not args.insecure_no_auth:
         print(

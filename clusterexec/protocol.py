@@ -574,10 +574,11 @@ class ClientHandshake:
         info = unpack_json(payload[SERVER_HELLO.size :])
         unproved = payload[: SERVER_HELLO.size - PROOF_SIZE] + payload[SERVER_HELLO.size :]
         transcript = self._hello + unproved
-        client_proof = _proof(self._key, b"client", transcript)
         if not hmac.compare_digest(proof, _proof(self._key, b"node", transcript)):
-            self._failure = record(client_proof)
+            # A random proof: the node logs the failure, and an impostor gets nothing it can use.
+            self._failure = record(os.urandom(PROOF_SIZE))
             raise AuthenticationError("the node could not prove it holds the same key")
+        client_proof = _proof(self._key, b"client", transcript)
         send, recv = _derive(self._key, self._nonce, nonce)
         self.keys = SessionKeys(send, recv, info)
         return record(client_proof)

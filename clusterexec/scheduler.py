@@ -116,11 +116,21 @@ class TaskFuture(Future[Any]):
         with self._condition:
             task = self._task
             if task is None or task.state is not TaskState.SENT or self._state != PENDING:
-                return super().cancel()
+                return cancel_and_notify(self)
             scheduler = self._scheduler
         if scheduler is None:
             return False
         return scheduler.cancel_sent(task)
+
+
+def cancel_and_notify(future: Future[Any]) -> bool:
+    """Cancel a future that has not started and wake its waiters, so ``wait`` and
+    ``as_completed`` see it done at once. Returns what ``Future.cancel`` returns."""
+    with future._condition:
+        cancelled = Future.cancel(future)
+        if cancelled and future._state == CANCELLED:
+            future.set_running_or_notify_cancel()
+        return cancelled
 
 
 class Scheduler:
@@ -156,6 +166,7 @@ class Scheduler:
         self._stop = False
         self.broken: BrokenCluster | None = None
         self.first_round = threading.Event()
+        self.first_outcome: list[tuple[bool, ClusterError | None]] = []
         self._thread = threading.Thread(target=self._run, name="clusterexec-io", daemon=True)
         self._io_ident = 0
 
@@ -191,7 +202,7 @@ class Scheduler:
         """Cancel many futures without waiting (map clean-up). Thread-safe."""
         tasks = []
         for future in futures:
-            if not Future.cancel(future) and isinstance(future, TaskFuture) and future._task is not None:
+            if not cancel_and_notify(future) and isinstance(future, TaskFuture) and future._task is not None:
                 tasks.append(future._task)
         if tasks:
             self._requests.append(("cancel_many", tasks))
@@ -242,6 +253,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             now = time.monotonic()
+            self._note_first_round()
             timeout = self._timers(now)
             for key, events in self._selector.select(timeout):
                 if key.data is None:
@@ -251,16 +263,21 @@ class Scheduler:
             self._take_requests()
             self._dispatch()
             self._flush()
-            if not self.first_round.is_set() and all(
-                link.state in (LinkState.READY, LinkState.LOST) for link in self.links
-            ):
-                self.first_round.set()
+            self._note_first_round()
             if self._stop and not self._outstanding():
                 return
             if self._all_lost_for(self.reconnect_window, now) and (self._tasks or self._stop):
                 self._break(BrokenCluster(self._lost_summary()))
                 if self._stop:
                     return
+
+    def _note_first_round(self) -> None:
+        """Once every node has been tried, record the outcome for the constructor, then wake it."""
+        if self.first_round.is_set():
+            return
+        if all(link.state in (LinkState.READY, LinkState.LOST) for link in self.links):
+            self.first_outcome = [(link.state is LinkState.READY, link.error) for link in self.links]
+            self.first_round.set()
 
     def _on_wake(self) -> None:
         try:
@@ -451,7 +468,7 @@ class Scheduler:
         by_link: dict[NodeLink, list[int]] = {}
         for task in tasks:
             if task.state is TaskState.QUEUED:
-                answered = Future.cancel(task.future)
+                answered = cancel_and_notify(task.future)
                 if reply is not None:
                     reply.answer(answered)
             elif task.state is TaskState.SENT and task.link is not None and task.link.channel is not None:
@@ -469,7 +486,7 @@ class Scheduler:
         for task_id in cancelled:
             task = link.inflight.pop(task_id, None)
             if task is not None:
-                Future.cancel(task.future)
+                cancel_and_notify(task.future)
                 self._answer(task, True)
                 self._drop(task)
         for task_id in refused:

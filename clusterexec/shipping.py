@@ -35,6 +35,12 @@ import cloudpickle
 from clusterexec.errors import ConfigurationError
 
 MAIN_NAME = "__mp_main__"
+_rerunning_main = False
+
+
+def rerunning_main() -> bool:
+    """True while a worker re-runs the client's main script (to find functions defined in it)."""
+    return _rerunning_main
 NEVER_SHIPPED = frozenset({"clusterexec", "__main__", MAIN_NAME, "builtins"})
 
 
@@ -337,4 +343,9 @@ class ShippedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             if hasattr(exc, "add_note"):
                 exc.add_note(f"in module {shipped.name}, shipped by the client")
             raise
-        exec(code, module.__dict__)
+        global _rerunning_main
+        outer, _rerunning_main = _rerunning_main, module.__name__ == MAIN_NAME or _rerunning_main
+        try:
+            exec(code, module.__dict__)
+        finally:
+            _rerunning_main = outer

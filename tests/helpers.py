@@ -33,3 +33,138 @@ def pid() -> int:
 
 def exit_worker(code: int = 3) -> None:
     os._exit(code)
+
+
+# --------------------------------------------------------------------------- executor contract tests
+# Functions and classes below are used by tests/test_executor.py. They live here, in a module the
+# workers can import, so that they are pickled by reference (as with ProcessPoolExecutor).
+
+GLOBAL: object = None
+
+
+def wait_for_file(path: str, timeout: float = 20.0) -> None:
+    """Block until ``path`` exists; raise TimeoutError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.005)
+
+
+def block(started: str | None, release: str, value: object = None) -> object:
+    """Create ``started`` (if given), wait until ``release`` exists, return ``value``."""
+    if started is not None:
+        with open(started, "w"):
+            pass
+    wait_for_file(release)
+    return value
+
+
+def block_pid(started: str, release: str) -> int:
+    """As :func:`block`, returning the worker's pid."""
+    block(started, release)
+    return os.getpid()
+
+
+def write_marker(path: str) -> str:
+    """Create ``path``: proof that this task ran."""
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    return path
+
+
+def sleep_then_touch(seconds: float, path: str) -> None:
+    time.sleep(seconds)
+    write_marker(path)
+
+
+def kwargs_of(*args: object, **kwargs: object) -> tuple[tuple[object, ...], dict[str, object]]:
+    return args, kwargs
+
+
+def pid_of(_: object) -> int:
+    return os.getpid()
+
+
+def fail_at(x: int, bad: int) -> int:
+    if x == bad:
+        raise ValueError(f"item {x}")
+    return x * x
+
+
+def square_or_exit(x: int) -> int:
+    """Square ``x``; a negative ``x`` kills the worker with exit code ``-x``."""
+    if x < 0:
+        os._exit(-x)
+    return x * x
+
+
+def set_global(value: object) -> None:
+    global GLOBAL
+    GLOBAL = value
+
+
+def get_global(_: object = None) -> object:
+    return GLOBAL
+
+
+def fail_when(path: str) -> None:
+    """An initializer that fails once ``path`` exists."""
+    wait_for_file(path)
+    raise RuntimeError("initializer failed on purpose")
+
+
+def return_lock() -> object:
+    import threading
+
+    return threading.Lock()
+
+
+class Box:
+    """A plain object that can be weakly referenced."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+class Doubler:
+    """A callable object: returns a new Box with twice the value."""
+
+    def __call__(self, box: Box) -> Box:
+        return Box(box.value * 2)
+
+
+class Counter:
+    """A callable object that counts its calls on itself."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, *args: object) -> int:
+        self.count += 1
+        return self.count
+
+
+class PairError(Exception):
+    """An exception whose ``__init__`` does not take its own ``args`` back."""
+
+    def __init__(self, a: object, b: object) -> None:
+        super().__init__(f"{a}-{b}")
+
+
+def raise_pair_error(a: object, b: object) -> None:
+    raise PairError(a, b)
+
+
+class LockedError(Exception):
+    """An exception that cannot be pickled at all (it holds a lock)."""
+
+    def __init__(self, message: str) -> None:
+        import threading
+
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_locked_error(message: str) -> None:
+    raise LockedError(message)
