@@ -332,6 +332,9 @@ class Node(NodeHost):
         except (ProtocolError, ConnectionClosed, OSError) as exc:
             log.warning("handshake with %s failed: %s", pending.peer, exc)
             self._drop_pending(fd)
+        except Exception as exc:  # whatever a stranger sends, the node stays up
+            log.warning("handshake with %s failed unexpectedly: %r", pending.peer, exc)
+            self._drop_pending(fd)
 
     def _promote(self, fd: int, pending: Pending, send_key: bytes, recv_key: bytes) -> None:
         del self.pending[fd]

@@ -332,6 +332,11 @@ class FrameReader:
             self._start = self._end = 0
 
     def _check_length(self, length: int) -> None:
+        if self._assembly is not None and length != self._assembly.expected() + self._opener.overhead:
+            # A buffer chunk's size is known in advance: refuse a wrong one before allocating.
+            raise ProtocolError(
+                f"buffer chunk of {length - self._opener.overhead} bytes where {self._assembly.expected()} were expected"
+            )
         if length > self._max_frame:
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max_frame} bytes")
         if length < self._opener.overhead:
@@ -441,8 +446,8 @@ def unpack_json(body: Buffer) -> dict[str, object]:
     """Decode a small JSON control body; raise ProtocolError if it is not a JSON object."""
     try:
         obj = json.loads(bytes(body))
-    except ValueError as exc:
-        raise ProtocolError(f"malformed control message: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # deep nesting must not crash a node
+        raise ProtocolError(f"malformed control message: {exc!r}"[:200]) from None
     if not isinstance(obj, dict):
         raise ProtocolError("malformed control message: not a JSON object")
     return obj
@@ -470,7 +475,12 @@ def unpack_cancelled(body: Buffer) -> tuple[list[int], list[int]]:
 def hkdf(key: bytes, salt: bytes, info: bytes, size: int = SESSION_KEY_SIZE) -> bytes:
     """HKDF-SHA256 (RFC 5869) of ``key``, for one ``info`` label."""
     prk = hmac.new(salt, key, hashlib.sha256).digest()
-    return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()[:size]
+    out, block, counter = b"", b"", 1
+    while len(out) < size:
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:size]
 
 
 def _proof(key: bytes, label: bytes, transcript: bytes) -> bytes:
