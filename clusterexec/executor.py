@@ -96,7 +96,7 @@ class ClusterExecutor(Executor):
             raise RuntimeError(
                 "a ClusterExecutor was created while a worker re-ran the main script to find the task "
                 "functions defined in it; put the code that creates the executor under "
-                "`if __name__ == \"__main__\":`, as with multiprocessing's spawn"
+                '`if __name__ == "__main__":`, as with multiprocessing\'s spawn'
             )
         if isinstance(nodes, int) and not isinstance(nodes, bool):
             if max_workers is not None:

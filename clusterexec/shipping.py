@@ -41,6 +41,8 @@ _rerunning_main = False
 def rerunning_main() -> bool:
     """True while a worker re-runs the client's main script (to find functions defined in it)."""
     return _rerunning_main
+
+
 NEVER_SHIPPED = frozenset({"clusterexec", "__main__", MAIN_NAME, "builtins"})
 
 
