@@ -334,8 +334,8 @@ class FrameReader:
     def _check_length(self, length: int) -> None:
         if self._assembly is not None and length != self._assembly.expected() + self._opener.overhead:
             # A buffer chunk's size is known in advance: refuse a wrong one before allocating.
-            expected = self._assembly.expected()
-            raise ProtocolError(f"buffer chunk of {length - self._opener.overhead} bytes where {expected} were expected")
+            got, expected = length - self._opener.overhead, self._assembly.expected()
+            raise ProtocolError(f"buffer chunk of {got} bytes where {expected} were expected")
         if length > self._max_frame:
             raise ProtocolError(f"frame of {length} bytes exceeds the limit of {self._max_frame} bytes")
         if length < self._opener.overhead:
