@@ -15,7 +15,7 @@ import platform
 import selectors
 import socket
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 import cloudpickle
@@ -41,6 +41,7 @@ from clusterexec.protocol import (
     pack_json,
     unpack_json,
 )
+from clusterexec.report import NodeStatus
 from clusterexec.specs import NodeAddress
 
 log = logging.getLogger("clusterexec")
@@ -134,6 +135,9 @@ class NodeLink:
         self.retry_at = 0.0
         self.lost_since = 0.0
         self.tasks_done = 0
+        self.tasks_failed = 0
+        self.pinned: deque[Any] = deque()
+        self.status_waiters: list[Any] = []
         self.last_result = 0.0
         self.result_interval = INITIAL_INTERVAL
 
@@ -288,6 +292,18 @@ class NodeLink:
         if self.last_result:
             self.result_interval += 0.1 * (now - self.last_result - self.result_interval)
         self.last_result = now
+
+    def status(self) -> NodeStatus:
+        """A snapshot of this link for ``ex.nodes`` (read from any thread; fields may be a moment old)."""
+        return NodeStatus(
+            address=self.name,
+            state=self.state.value,
+            workers=self.workers,
+            in_flight=len(self.inflight),
+            tasks_done=self.tasks_done,
+            error=str(self.error) if self.error is not None else None,
+            python=str(self.info.get("python", "")),
+        )
 
     def python_version(self) -> str:
         """The node's Python version as ``major.minor`` ('' if not known yet)."""

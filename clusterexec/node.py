@@ -133,6 +133,18 @@ class Node(NodeHost):
             "started": self.started,
         }
 
+    def status(self) -> dict[str, object]:
+        """Facts and counters for a health check: uptime, sessions, busy workers, tasks run."""
+        busy = sum(1 for s in self.sessions.values() for w in s.workers if w.outstanding)
+        return {
+            **self.describe(),
+            "uptime": time.time() - self.started,
+            "workers": self.workers_per_session,
+            "sessions": len(self.sessions),
+            "busy": busy,
+            "tasks_run": self.tasks_run,
+        }
+
     def fork_worker(self, sock: socket.socket) -> int:
         """Fork a worker serving ``sock``; the child never returns from here."""
         pid = os.fork()

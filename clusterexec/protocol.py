@@ -76,6 +76,7 @@ FORGET = 5
 BYE = 6
 PING = 7
 MODULES = 8
+STATUS = 9
 # Node to client.
 WELCOME = 20
 STARTED = 21
@@ -84,6 +85,7 @@ CANCELLED = 23
 CRASHED = 24
 HEARTBEAT = 25
 BROKEN = 26
+STATUS_REPLY = 27
 # Node to worker (TASK, FUNC, FORGET and MODULES are forwarded as they came).
 INIT = 40
 STOP = 41

@@ -37,6 +37,8 @@ from clusterexec.protocol import (
     RESULT,
     RESULT_HEAD,
     STARTED,
+    STATUS,
+    STATUS_REPLY,
     TASK,
     TASK_HEAD,
     TASK_ID,
@@ -49,6 +51,7 @@ from clusterexec.protocol import (
 from clusterexec.protocol import (
     CANCELLED as CANCELLED_KIND,
 )
+from clusterexec.report import ClusterStats, NodeStats
 from clusterexec.serialize import FunctionPayload, Payload, crash_error, decode_result
 from clusterexec.shipping import ModuleSource, encode_sources
 
@@ -71,9 +74,16 @@ class TaskState(enum.Enum):
 class Task:
     """One unit of work: its future, its pickled function and arguments, where it is."""
 
-    __slots__ = ("task_id", "future", "function", "payload", "flags", "state", "attempts", "link", "replies")
+    __slots__ = ("task_id", "future", "function", "payload", "flags", "state", "attempts", "link", "replies", "target")
 
-    def __init__(self, future: TaskFuture, function: FunctionPayload, payload: Payload, flags: int = 0) -> None:
+    def __init__(
+        self,
+        future: TaskFuture,
+        function: FunctionPayload,
+        payload: Payload,
+        flags: int = 0,
+        target: NodeLink | None = None,
+    ) -> None:
         self.task_id = 0
         self.future = future
         self.function = function
@@ -83,6 +93,7 @@ class Task:
         self.attempts = 0
         self.link: NodeLink | None = None
         self.replies: list[_Reply] | None = None
+        self.target = target
 
 
 class _Reply:
@@ -92,9 +103,9 @@ class _Reply:
 
     def __init__(self) -> None:
         self.event = threading.Event()
-        self.value = False
+        self.value: Any = False
 
-    def answer(self, value: bool) -> None:
+    def answer(self, value: Any) -> None:
         self.value = value
         self.event.set()
 
@@ -213,6 +224,16 @@ class Scheduler:
         self._requests.append(("cancel_pending", None))
         self._wake()
 
+    def node_status(self, link: NodeLink, timeout: float) -> dict[str, Any] | None:
+        """Ask a node for its health report; None if it is not connected or does not answer.
+        Thread-safe; blocks up to ``timeout``."""
+        reply = _Reply()
+        reply.value = None
+        self._requests.append(("status", (link, reply)))
+        self._wake()
+        reply.event.wait(timeout)
+        return reply.value
+
     def stop(self) -> None:
         """Ask the I/O thread to finish the tasks it has, then close. Thread-safe."""
         self._requests.append(("stop", None))
@@ -222,6 +243,20 @@ class Scheduler:
         """Wait for the I/O thread to end. Thread-safe (not from the I/O thread)."""
         if self._thread.is_alive() and threading.get_ident() != self._io_ident:
             self._thread.join(timeout)
+
+    def stats(self) -> ClusterStats:
+        """Task counts, client-side and per node. Thread-safe (a snapshot, a moment old)."""
+        nodes: dict[str, NodeStats] = {}
+        queued = len(self._queue) + len(self._new)
+        for link in self.links:
+            sent = started = 0
+            for task in list(link.inflight.values()):
+                if task.state is TaskState.STARTED:
+                    started += 1
+                else:
+                    sent += 1
+            nodes[link.name] = NodeStats(sent + len(link.pinned), started, link.tasks_done, link.tasks_failed)
+        return ClusterStats(queued, nodes)
 
     def _wake(self) -> None:
         with self._wake_lock:
@@ -296,7 +331,10 @@ class Scheduler:
                 self._fail(task, self.broken)
                 continue
             self._tasks[task.task_id] = task
-            self._queue.append(task)
+            if task.target is not None:
+                task.target.pinned.append(task)
+            else:
+                self._queue.append(task)
         while self._requests:
             kind, arg = self._requests.popleft()
             if kind == "cancel":
@@ -307,13 +345,21 @@ class Scheduler:
                 self._cancel(list(self._tasks.values()), None)
             elif kind == "stop":
                 self._stop = True
+            elif kind == "status":
+                link, reply = arg
+                if link.state is LinkState.READY and link.channel is not None:
+                    link.status_waiters.append(reply)
+                    link.channel.send(STATUS)
+                else:
+                    reply.answer(None)
 
     def _outstanding(self) -> bool:
         if not self._tasks:
             return False
-        for task in list(self._queue):
-            if task.future.cancelled():
-                self._drop(task)
+        for queue in [self._queue] + [link.pinned for link in self.links]:
+            for task in list(queue):
+                if task.future.cancelled():
+                    self._drop(task)
         return bool(self._tasks)
 
     def _timers(self, now: float) -> float:
@@ -403,6 +449,11 @@ class Scheduler:
                         f"fix the initializer. Remote traceback:\n{reason.get('error', '')}"
                     )
                 )
+            elif kind == STATUS_REPLY:
+                info = unpack_json(message.body)
+                for reply in link.status_waiters:
+                    reply.answer(info)
+                link.status_waiters.clear()
             elif kind != HEARTBEAT:
                 raise ProtocolError(f"unexpected message kind {kind}")
 
@@ -431,6 +482,8 @@ class Scheduler:
         self._finish_task(task, value, exception)
 
     def _finish_task(self, task: Task, value: object = None, exception: BaseException | None = None) -> None:
+        if exception is not None and task.link is not None:
+            task.link.tasks_failed += 1
         self._drop(task)
         future = task.future
         with future._condition:
@@ -498,11 +551,14 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         """Fill every ready link: first one task per free worker, round robin, then prefetch."""
-        queue = self._queue
-        if not queue:
-            return
         ready = [link for link in self.links if link.state is LinkState.READY]
         if not ready:
+            return
+        for link in ready:
+            while link.pinned and len(link.inflight) < link.capacity():
+                self._send(link, link.pinned.popleft())
+        queue = self._queue
+        if not queue:
             return
         for prefetch in (False, True):
             progress = True
@@ -593,7 +649,10 @@ class Scheduler:
                 continue
             task.state = TaskState.QUEUED
             self._answer(task, False)
-            self._queue.appendleft(task)
+            if task.target is not None:
+                task.target.pinned.appendleft(task)
+            else:
+                self._queue.appendleft(task)
 
     def _all_lost_for(self, window: float, now: float) -> bool:
         if any(link.state is not LinkState.LOST for link in self.links):
@@ -611,6 +670,8 @@ class Scheduler:
         for task in list(self._tasks.values()):
             self._fail(task, error)
         self._queue.clear()
+        for link in self.links:
+            link.pinned.clear()
         self.first_round.set()
 
     def _finish(self) -> None:

@@ -35,6 +35,8 @@ from clusterexec.protocol import (
     RESULT,
     SESSION,
     STARTED,
+    STATUS,
+    STATUS_REPLY,
     STOP,
     TASK,
     TASK_HEAD,
@@ -157,6 +159,8 @@ class Session:
                     self._to_worker(worker, message)
             elif kind == SESSION:
                 self._open(message)
+            elif kind == STATUS:
+                self._to_client(STATUS_REPLY, pack_json(self.node.status()))
             elif kind == BYE:
                 self.close("client said goodbye")
                 return
@@ -290,6 +294,7 @@ class Session:
         worker.short = now - worker.busy_since < SHORT_TASK
         worker.busy_since = now
         self.tasks_done += 1
+        self.node.tasks_run += 1
         if self.state is SessionState.ACTIVE:
             self._to_client(RESULT, message.body, message.buffers)
 
@@ -405,6 +410,12 @@ def describe_status(status: int) -> str:
 
 class NodeHost:
     """What a session needs from the node server it lives in (implemented by node.Node)."""
+
+    tasks_run = 0
+
+    def status(self) -> dict[str, object]:
+        """The node's health report (for STATUS requests)."""
+        raise NotImplementedError
 
     def describe(self) -> dict[str, object]:
         """Facts about the node for the WELCOME message."""

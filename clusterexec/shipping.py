@@ -14,6 +14,7 @@ so remote tracebacks show code lines.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.abc
 import importlib.machinery
@@ -94,6 +95,10 @@ def _read_source(name: str, filename: str, is_package: bool) -> ModuleSource:
             source = f.read()
     except OSError as exc:
         raise ConfigurationError(f"cannot read the source of module {name} ({filename}): {exc.strerror}") from None
+    return _source_from_text(name, filename, source, is_package)
+
+
+def _source_from_text(name: str, filename: str, source: bytes, is_package: bool) -> ModuleSource:
     digest = hashlib.blake2b(name.encode() + b"\0" + source, digest_size=16).digest()
     return ModuleSource(name, is_package, filename, source, digest)
 
@@ -102,12 +107,18 @@ def _package_tree(package: types.ModuleType) -> list[ModuleSource]:
     """Every .py file of a package, as modules named after their place in the tree."""
     out: list[ModuleSource] = []
     roots = list(getattr(package, "__path__", []))
+    if not getattr(package, "__file__", None):
+        # A namespace package (no __init__.py): ship an empty package module in its place.
+        out.append(
+            _source_from_text(package.__name__, os.path.join(roots[0] if roots else "", "__init__.py"), b"", True)
+        )
     for root in roots:
         for directory, subdirs, files in os.walk(root):
             subdirs[:] = sorted(d for d in subdirs if d.isidentifier())
             relative = os.path.relpath(directory, root)
             prefix = package.__name__ if relative == "." else f"{package.__name__}.{relative.replace(os.sep, '.')}"
             if relative != "." and "__init__.py" not in files:
+                subdirs[:] = []
                 continue
             for file in sorted(files):
                 if not file.endswith(".py") or not file[:-3].isidentifier():
@@ -129,6 +140,7 @@ class ModuleCatalog:
     def __init__(self, explicit: Sequence[types.ModuleType | str] = (), auto: bool = True) -> None:
         self.auto = auto
         self._sources: dict[str, tuple[ModuleSource, ...]] = {}
+        self.main_names: frozenset[str] = frozenset()
         self.explicit: tuple[ModuleSource, ...] = tuple(s for m in explicit for s in self._explicit(m))
 
     def _explicit(self, module: types.ModuleType | str) -> tuple[ModuleSource, ...]:
@@ -140,10 +152,16 @@ class ModuleCatalog:
         if not isinstance(module, types.ModuleType):
             raise ConfigurationError(f"modules= takes modules, packages or dotted names, not {module!r}")
         filename = getattr(module, "__file__", None)
-        if not filename or not filename.endswith(".py"):
+        namespace = filename is None and hasattr(module, "__path__")
+        if not namespace and (not filename or not filename.endswith(".py")):
             kind = "a C extension" if filename else "built in or frozen"
             raise ConfigurationError(
                 f"modules=: module {module.__name__} has no Python source to ship ({kind}); install it on every node"
+            )
+        if not namespace and not is_user_module(module):
+            raise ConfigurationError(
+                f"modules=: {module.__name__} is installed here (standard library, site-packages or clusterexec), "
+                "not your own code; install it on every node instead of shipping it"
             )
         return self.sources_of(module, follow=True)
 
@@ -157,7 +175,7 @@ class ModuleCatalog:
         if cached is not None:
             return cached
         own: list[ModuleSource] = []
-        if hasattr(top, "__path__") and getattr(top, "__file__", None):
+        if hasattr(top, "__path__"):
             own = _package_tree(top)
         elif getattr(top, "__file__", None):
             own = [_read_source(top.__name__, top.__file__, False)]  # type: ignore[arg-type]
@@ -181,15 +199,34 @@ class ModuleCatalog:
             return None
         source = _read_source(MAIN_NAME, filename, False)
         self._sources[MAIN_NAME] = (source,)
+        self.main_names = _names_bound_outside_main_block(source.source)
         sys.modules.setdefault(MAIN_NAME, main)
         return source
 
+    def main_dependencies(self) -> tuple[ModuleSource, ...]:
+        """The user modules the main script refers to (shipped along with it)."""
+        cached = self._sources.get("__main__ dependencies")
+        if cached is not None:
+            return cached
+        main = sys.modules.get("__main__")
+        out: list[ModuleSource] = []
+        if main is not None:
+            for dependency in _referenced_user_modules(main, []):
+                out.extend(s for s in self.sources_of(dependency) if s not in out)
+        self._sources["__main__ dependencies"] = tuple(out)
+        return tuple(out)
+
+    def by_name_in_main(self, qualname: str) -> bool:
+        """True if ``qualname`` is bound by the main script when re-run under another name."""
+        return self.main_source() is not None and qualname.partition(".")[0] in self.main_names
+
 
 def _referenced_user_modules(top: types.ModuleType, own: Sequence[ModuleSource]) -> list[types.ModuleType]:
-    names = {s.name for s in own}
+    """User modules outside ``top``'s package that the modules of ``own`` (or ``top`` itself,
+    when ``own`` is empty) refer to by a module, function or class in their globals."""
+    scanned = [sys.modules.get(s.name) for s in own] if own else [top]
     found: list[types.ModuleType] = []
-    for name in names:
-        module = sys.modules.get(name)
+    for module in scanned:
         if module is None:
             continue
         for value in list(vars(module).values()):
@@ -208,6 +245,43 @@ def _referenced_user_modules(top: types.ModuleType, own: Sequence[ModuleSource])
             ):
                 found.append(candidate)
     return found
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}
+    texts = {n.value for n in ast.walk(test) if isinstance(n, ast.Constant)}
+    return "__name__" in names and "__main__" in texts
+
+
+def _names_bound_outside_main_block(source: bytes) -> frozenset[str]:
+    """Top-level names a script binds when run under a name other than ``__main__``."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return frozenset()
+    names: set[str] = set()
+
+    def visit(statements: list[ast.stmt]) -> None:
+        for node in statements:
+            if isinstance(node, ast.If) and _is_main_guard(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for target in targets:
+                    names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).partition(".")[0] for a in node.names)
+            elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+                for field in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, field, []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+
+    visit(tree.body)
+    return frozenset(names)
 
 
 def resolve_main(qualname: str) -> Any:
@@ -257,12 +331,14 @@ class ShippingPickler(cloudpickle.Pickler):
         if isinstance(obj, (types.FunctionType, type)):
             if self.catalog.auto:
                 qualname = _is_main_toplevel(obj)
-                if qualname is not None and self.catalog.main_source() is not None:
+                if qualname is not None and self.catalog.by_name_in_main(qualname):
                     self.uses_main = True
                     return resolve_main, (qualname,)
                 self._note(getattr(obj, "__module__", None))
             result = super().reducer_override(obj)
-            if result is not NotImplemented:
+            if result is not NotImplemented and isinstance(obj, types.FunctionType):
+                # Only functions carry bytecode (a class by value is rebuilt from its functions,
+                # which come through here too); builtin types go by name.
                 self.by_value = True
             return result
         if isinstance(obj, types.ModuleType) and self.catalog.auto:
@@ -276,6 +352,7 @@ def needed_sources(catalog: ModuleCatalog, pickler: ShippingPickler) -> tuple[Mo
     if pickler.uses_main:
         main = catalog.main_source()
         if main is not None:
+            out.extend(s for s in catalog.main_dependencies() if s not in out)
             out.append(main)
     for module in pickler.modules.values():
         for source in catalog.sources_of(module):

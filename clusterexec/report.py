@@ -1,0 +1,79 @@
+"""What the executor reports about its nodes: plain data, for ``ex.nodes``, ``ex.stats()``
+and ``ex.check()`` (and the ``clusterexec status`` command)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """One node as the executor sees it now.
+
+    ``state`` is one of ``connecting``, ``handshaking``, ``opening session``, ``ready``, ``lost``,
+    ``closed``; ``error`` says why a lost node was lost.
+    """
+
+    address: str
+    state: str
+    workers: int
+    in_flight: int
+    tasks_done: int
+    error: str | None = None
+    python: str = ""
+
+    def __str__(self) -> str:
+        why = f" ({self.error})" if self.error else ""
+        return f"{self.address}: {self.state}{why}, {self.workers} workers, {self.in_flight} tasks in flight"
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """Task counts of one node: waiting on the node, running, done, failed."""
+
+    queued: int = 0
+    in_flight: int = 0
+    done: int = 0
+    failed: int = 0
+
+
+@dataclass(frozen=True)
+class ClusterStats:
+    """Task counts: ``queued`` in the client not yet given to a node, then per node."""
+
+    queued: int
+    nodes: dict[str, NodeStats] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """A health check of one node: up or down and why, and what the node says of itself."""
+
+    address: str
+    up: bool
+    reason: str = ""
+    workers: int = 0
+    busy: int = 0
+    tasks_run: int = 0
+    python: str = ""
+    clusterexec: str = ""
+    uptime: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        """The report as plain data (for JSON)."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClusterReport:
+    """The result of ``ex.check()``: every node's report and whether all are up."""
+
+    nodes: list[NodeReport]
+
+    @property
+    def all_up(self) -> bool:
+        """True if every node answered."""
+        return all(node.up for node in self.nodes)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
