@@ -18,15 +18,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from clusterexec.connection import NodeLink, SessionRequest
-from clusterexec.errors import AuthenticationError, BrokenCluster, NodeUnreachableError
+from clusterexec.connection import LinkState, NodeLink, SessionRequest
+from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
 from clusterexec.keys import resolve_key
 from clusterexec.local import LocalNode
 from clusterexec.protocol import FLAG_CHUNK
+from clusterexec.report import ClusterReport, ClusterStats, NodeReport, NodeStatus
 from clusterexec.scheduler import Scheduler, Task, TaskFuture, cancel_and_notify
 from clusterexec.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.shipping import ModuleCatalog, rerunning_main
-from clusterexec.specs import NodeAddress, parse_nodes
+from clusterexec.specs import NodeAddress, parse_address, parse_nodes
 
 T = TypeVar("T")
 
@@ -195,7 +196,11 @@ class ClusterExecutor(Executor):
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def _queue(
-        self, function: FunctionPayload | BaseException, make_payload: Callable[[], Payload], flags: int = 0
+        self,
+        function: FunctionPayload | BaseException,
+        make_payload: Callable[[], Payload],
+        flags: int = 0,
+        target: NodeLink | None = None,
     ) -> TaskFuture:
         future = self._scheduler.new_future()
         if isinstance(function, BaseException):
@@ -209,7 +214,7 @@ class ClusterExecutor(Executor):
             return future
         with self._shutdown_lock:
             self._check_open()
-            self._scheduler.submit(Task(future, function, payload, flags))
+            self._scheduler.submit(Task(future, function, payload, flags, target))
         return future
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -282,6 +287,59 @@ class ClusterExecutor(Executor):
             futures = deque(queue(item) for item in itertools.islice(source, buffersize))
         return _results(futures, source if buffersize else None, executor_ref, queue, end_time, bool(flags))
 
+    def submit_to(
+        self, node: NodeStatus | NodeAddress | str | tuple[str, int], fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> Future[T]:
+        """Schedule ``fn(*args, **kwargs)`` on one chosen node (an entry of :attr:`nodes` or its
+        address). The task waits for that node if it is down; raises ValueError for a node that
+        is not part of this executor."""
+        link = self._link(node)
+        with self._shutdown_lock:
+            self._check_open()
+        try:
+            function: FunctionPayload | BaseException = self._function(fn)
+        except Exception as exc:
+            _note(exc, f"the callable {fn!r} could not be pickled")
+            function = exc
+        return self._queue(function, lambda: dumps_call(args, kwargs, self._catalog), target=link)
+
+    def _link(self, node: NodeStatus | NodeAddress | str | tuple[str, int]) -> NodeLink:
+        name = node.address if isinstance(node, NodeStatus) else str(parse_address(node))
+        for link in self._scheduler.links:
+            if link.name == name:
+                return link
+        known = ", ".join(link.name for link in self._scheduler.links)
+        raise ConfigurationError(f"node {name} is not one of this executor's nodes ({known})")
+
+    @property
+    def nodes(self) -> list[NodeStatus]:
+        """Every node of this executor with its state (connecting, ready, lost...), worker count
+        and tasks in flight. A snapshot; thread-safe."""
+        return [link.status() for link in self._scheduler.links]
+
+    def stats(self) -> ClusterStats:
+        """Task counts: queued in the client, then per node queued, in flight, done and failed."""
+        return self._scheduler.stats()
+
+    def check(self, timeout: float = 5.0) -> ClusterReport:
+        """Ask every node for a health report (in parallel, at most ``timeout`` seconds).
+
+        A node that is not connected, or does not answer in time, is reported down with why.
+        """
+        results: dict[str, NodeReport] = {}
+        links = self._scheduler.links
+
+        def ask(link: NodeLink) -> None:
+            info = self._scheduler.node_status(link, timeout)
+            results[link.name] = _node_report(link, info)
+
+        threads = [threading.Thread(target=ask, args=(link,), daemon=True) for link in links]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout + 1.0)
+        return ClusterReport([results.get(link.name) or _node_report(link, None) for link in links])
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; with ``wait``, block until pending tasks are done and nodes closed.
 
@@ -337,6 +395,31 @@ def _results(
             else:
                 for future in futures:
                     cancel_and_notify(future)
+
+
+def _node_report(link: NodeLink, info: dict[str, Any] | None) -> NodeReport:
+    if info is None:
+        if link.state is LinkState.READY:
+            reason = "timed out"
+        else:
+            reason = str(link.error) if link.error is not None else link.state.value
+        return NodeReport(link.name, False, reason, workers=link.workers)
+
+    def number(key: str) -> float:
+        value = info.get(key, 0)
+        return value if isinstance(value, (int, float)) else 0
+
+    return NodeReport(
+        link.name,
+        True,
+        "",
+        workers=int(number("workers")),
+        busy=int(number("busy")),
+        tasks_run=int(number("tasks_run")),
+        python=str(info.get("python", "")),
+        clusterexec=str(info.get("clusterexec", "")),
+        uptime=float(number("uptime")),
+    )
 
 
 def _spread(total: int | None, count: int) -> list[int | None]:
