@@ -33,8 +33,6 @@ from clusterexec.protocol import (
     DEFAULT_MAX_FRAME,
     SESSION,
     WELCOME,
-    AeadOpener,
-    AeadSealer,
     ClientHandshake,
     Message,
     RecordReader,
@@ -261,7 +259,7 @@ class NodeLink:
             keys = self._handshake.keys
             assert keys is not None
             self.info = dict(keys.peer_info)
-            self.channel = Channel(self.sock, AeadSealer(keys.send), AeadOpener(keys.recv), self.max_frame)
+            self.channel = Channel(self.sock, keys.sealer(), keys.opener(), self.max_frame)
             body, buffers = self._request.message(self._wanted_workers)
             self.channel.send(SESSION, body, buffers)  # type: ignore[arg-type]
             self._set_state(LinkState.OPENING)

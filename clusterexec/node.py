@@ -35,10 +35,9 @@ from clusterexec.keys import resolve_key
 from clusterexec.protocol import (
     DEFAULT_MAX_FRAME,
     HANDSHAKE_TIMEOUT,
-    AeadOpener,
-    AeadSealer,
     RecordReader,
     ServerHandshake,
+    SessionKeys,
 )
 from clusterexec.session import NodeHost, Session, SessionState, WorkerProcess, describe_status
 
@@ -327,7 +326,7 @@ class Node(NodeHost):
                     pending.hello_done = True
                 else:
                     keys = pending.handshake.on_client_proof(rec)
-                    self._promote(fd, pending, keys.send, keys.recv)
+                    self._promote(fd, pending, keys)
                     return
         except (BlockingIOError, InterruptedError):
             return
@@ -348,9 +347,9 @@ class Node(NodeHost):
             log.warning("handshake with %s failed unexpectedly: %r", pending.peer, exc)
             self._drop_pending(fd)
 
-    def _promote(self, fd: int, pending: Pending, send_key: bytes, recv_key: bytes) -> None:
+    def _promote(self, fd: int, pending: Pending, keys: SessionKeys) -> None:
         del self.pending[fd]
-        channel = Channel(pending.sock, AeadSealer(send_key), AeadOpener(recv_key), self.config.max_frame)
+        channel = Channel(pending.sock, keys.sealer(), keys.opener(), self.config.max_frame)
         session = Session(self, channel, pending.peer, self.workers_per_session)
         self.sessions[fd] = session
         self.selector.modify(fd, selectors.EVENT_READ, self._on_client)

@@ -35,20 +35,31 @@ import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
-
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from clusterexec.errors import AuthenticationError, ProtocolError, VersionMismatchError
-
-Buffer = bytes | bytearray | memoryview
+from clusterexec.sealing import (  # noqa: F401 - re-exported: the sealers belong to the protocol
+    FRAME_HEADER,
+    GCM_NONCE,
+    TAG_SIZE,
+    AeadOpener,
+    AeadSealer,
+    Buffer,
+    HmacOpener,
+    HmacSealer,
+    Opener,
+    PlainOpener,
+    PlainSealer,
+    Sealer,
+    available_seals,
+    opener_for,
+    sealer_for,
+)
 
 MAGIC = b"CLXC"
 PROTOCOL_VERSION = 1
 NONCE_SIZE = 32
 PROOF_SIZE = 32
-TAG_SIZE = 16
-SESSION_KEY_SIZE = 16
+SESSION_KEY_SIZE = 32
 CHUNK = 1 << 20
 MAX_RECORD = 4096
 DEFAULT_MAX_FRAME = 1 << 30
@@ -56,11 +67,9 @@ DEFAULT_MAX_MESSAGE = 1 << 34
 MAX_BUFFERS = 4096
 HANDSHAKE_TIMEOUT = 10.0
 
-FRAME_HEADER = struct.Struct("!Q")
 RECORD_HEADER = struct.Struct("!H")
 HEAD = struct.Struct("!BH")
 SIZE = struct.Struct("!Q")
-GCM_NONCE = struct.Struct("!IQ")
 HELLO = struct.Struct(f"!4sH{NONCE_SIZE}s")
 SERVER_HELLO = struct.Struct(f"!4sHB{NONCE_SIZE}s{PROOF_SIZE}s")
 TASK_HEAD = struct.Struct("!Q16sB")
@@ -110,109 +119,6 @@ class Message:
     kind: int
     body: Buffer = b""
     buffers: list[Buffer] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- sealing
-
-
-def _nonce(seq: int) -> bytes:
-    return GCM_NONCE.pack(0, seq)
-
-
-class Sealer(Protocol):
-    """Turns plaintext into one wire frame (header included), in order."""
-
-    overhead: int
-
-    def frame(self, plain: Buffer) -> list[Buffer]:
-        """Return the buffers of one frame carrying ``plain``."""
-        ...
-
-
-class Opener(Protocol):
-    """Checks and opens the frames of one direction, in order."""
-
-    overhead: int
-
-    def open(self, header: Buffer, body: Buffer) -> bytearray:
-        """Return the plaintext of a frame; raise ProtocolError if it does not verify."""
-        ...
-
-    def open_into(self, header: Buffer, body: Buffer, out: memoryview) -> None:
-        """Write the plaintext of a frame into ``out``; raise ProtocolError if it fails."""
-        ...
-
-
-class AeadSealer:
-    """AES-GCM sealing of one direction: nonce is the frame counter, header is the AAD."""
-
-    overhead = TAG_SIZE
-
-    def __init__(self, key: bytes) -> None:
-        self._aead = AESGCM(key)
-        self._seq = 0
-
-    def frame(self, plain: Buffer) -> list[Buffer]:
-        """Seal ``plain`` into a fresh frame buffer."""
-        n = len(plain) + TAG_SIZE
-        out = bytearray(FRAME_HEADER.size + n)
-        FRAME_HEADER.pack_into(out, 0, n)
-        view = memoryview(out)
-        self._aead.encrypt_into(_nonce(self._seq), plain, view[: FRAME_HEADER.size], view[FRAME_HEADER.size :])
-        self._seq += 1
-        return [out]
-
-
-class AeadOpener:
-    """AES-GCM opening of one direction; any failure is a ProtocolError."""
-
-    overhead = TAG_SIZE
-
-    def __init__(self, key: bytes) -> None:
-        self._aead = AESGCM(key)
-        self._seq = 0
-
-    def open(self, header: Buffer, body: Buffer) -> bytearray:
-        """Verify and decrypt one frame body."""
-        if len(body) < TAG_SIZE:
-            raise ProtocolError(f"frame of {len(body)} bytes is shorter than its tag")
-        out = bytearray(len(body) - TAG_SIZE)
-        self.open_into(header, body, memoryview(out))
-        return out
-
-    def open_into(self, header: Buffer, body: Buffer, out: memoryview) -> None:
-        """Verify and decrypt one frame body into ``out``."""
-        try:
-            self._aead.decrypt_into(_nonce(self._seq), body, header, out)
-        except Exception as exc:  # InvalidTag, or a size mismatch
-            raise ProtocolError(
-                f"frame {self._seq} failed authentication (altered, replayed, reordered or dropped)"
-            ) from exc
-        self._seq += 1
-
-
-class PlainSealer:
-    """Unsealed framing, for the socketpair between a node and its own workers."""
-
-    overhead = 0
-
-    def frame(self, plain: Buffer) -> list[Buffer]:
-        """Return the header and the plaintext as they are (no copy)."""
-        return [FRAME_HEADER.pack(len(plain)), plain]
-
-
-class PlainOpener:
-    """Unsealed framing, the reading side."""
-
-    overhead = 0
-
-    def open(self, header: Buffer, body: Buffer) -> bytearray:
-        """Return a copy of the body."""
-        return bytearray(body)
-
-    def open_into(self, header: Buffer, body: Buffer, out: memoryview) -> None:
-        """Copy the body into ``out``."""
-        out[:] = body
 
 
 # --------------------------------------------------------------------------- messages
@@ -533,6 +439,15 @@ class SessionKeys:
     send: bytes
     recv: bytes
     peer_info: dict[str, object]
+    seal: str = "aes-gcm"
+
+    def sealer(self) -> Sealer:
+        """This side's sealer for the negotiated method."""
+        return sealer_for(self.seal, self.send)
+
+    def opener(self) -> Opener:
+        """This side's opener for the negotiated method."""
+        return opener_for(self.seal, self.recv)
 
 
 def _derive(key: bytes, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes, bytes]:
@@ -560,7 +475,8 @@ class ClientHandshake:
     def __init__(self, key: bytes, info: dict[str, object]) -> None:
         self._key = key
         self._nonce = os.urandom(NONCE_SIZE)
-        self._hello = HELLO.pack(MAGIC, PROTOCOL_VERSION, self._nonce) + pack_json(info)
+        self._seals = available_seals()
+        self._hello = HELLO.pack(MAGIC, PROTOCOL_VERSION, self._nonce) + pack_json({**info, "seal": self._seals})
         self.keys: SessionKeys | None = None
 
     def hello(self) -> bytes:
@@ -589,9 +505,12 @@ class ClientHandshake:
             # A random proof: the node logs the failure, and an impostor gets nothing it can use.
             self._failure = record(os.urandom(PROOF_SIZE))
             raise AuthenticationError("the node could not prove it holds the same key")
+        seal = info.get("seal", "aes-gcm")
+        if seal not in self._seals:
+            raise ProtocolError(f"the node chose frame sealing {seal!r}, which this client does not offer")
         client_proof = _proof(self._key, b"client", transcript)
         send, recv = _derive(self._key, self._nonce, nonce)
-        self.keys = SessionKeys(send, recv, info)
+        self.keys = SessionKeys(send, recv, info, str(seal))
         return record(client_proof)
 
     def failure_proof(self) -> bytes:
@@ -614,6 +533,7 @@ class ServerHandshake:
         self._transcript = b""
         self._client_nonce = b""
         self.refusal = b""
+        self._seal = ""
         self.keys: SessionKeys | None = None
         self.client_info: dict[str, object] = {}
 
@@ -633,7 +553,12 @@ class ServerHandshake:
             raise VersionMismatchError(reason)
         self.client_info = unpack_json(payload[HELLO.size :])
         self._client_nonce = nonce
-        info = pack_json(self._info)
+        offered = self.client_info.get("seal", ["aes-gcm"])
+        offered = offered if isinstance(offered, list) else []
+        self._seal = next((s for s in available_seals() if s in offered), "")
+        if not self._seal:
+            raise ProtocolError(f"the client offers no frame sealing this node supports ({offered!r})")
+        info = pack_json({**self._info, "seal": self._seal})
         unproved = struct.pack(f"!4sHB{NONCE_SIZE}s", MAGIC, PROTOCOL_VERSION, STATUS_ACCEPTED, self._nonce) + info
         self._transcript = payload + unproved
         proof = _proof(self._key, b"node", self._transcript)
@@ -645,5 +570,5 @@ class ServerHandshake:
         if len(payload) != PROOF_SIZE or not hmac.compare_digest(payload, expected):
             raise AuthenticationError("the client could not prove it holds the node's key (wrong key?)")
         to_node, to_client = _derive(self._key, self._client_nonce, self._nonce)
-        self.keys = SessionKeys(to_client, to_node, self.client_info)
+        self.keys = SessionKeys(to_client, to_node, self.client_info, self._seal)
         return self.keys

@@ -572,8 +572,10 @@ def test_the_same_key_gives_both_sides_matching_session_keys() -> None:
     assert hs.client.keys.send != hs.client.keys.recv
     assert len(hs.client.keys.send) == SESSION_KEY_SIZE
     assert KEY not in hs.client_hello + hs.server_hello + hs.client_proof
-    assert hs.client.keys.peer_info == NODE_INFO
-    assert hs.node.keys.peer_info == hs.node.client_info == CLIENT_INFO
+    # Each side also states the frame sealing: offered by the client, chosen by the node.
+    assert hs.client.keys.peer_info == {**NODE_INFO, "seal": hs.client.keys.seal}
+    assert hs.node.keys.peer_info == hs.node.client_info == {**CLIENT_INFO, "seal": ["aes-gcm", "hmac-sha256"]}
+    assert hs.client.keys.seal == hs.node.keys.seal == "aes-gcm"
 
 
 def test_frames_sealed_by_one_side_open_on_the_other() -> None:
@@ -1060,7 +1062,7 @@ def test_a_handshake_then_sealed_channels_over_a_socketpair() -> None:
         while not server_hello:
             server_hello = records.feed(client_sock.recv(4096))
         proof = client.on_server_hello(server_hello[0])
-        assert client.keys is not None and client.keys.peer_info == NODE_INFO
+        assert client.keys is not None and client.keys.peer_info == {**NODE_INFO, "seal": "aes-gcm"}
         assert records.leftover() == b""  # the node says nothing more until it is asked
 
         # Pipeline: the first message goes out in the same write as the proof.
@@ -1076,3 +1078,38 @@ def test_a_handshake_then_sealed_channels_over_a_socketpair() -> None:
     finally:
         client_sock.close()
         node_sock.close()
+
+
+# --------------------------------------------------------------------------- HMAC sealing
+
+
+def test_hmac_sealing_round_trips_and_detects_tampering() -> None:
+    from clusterexec.sealing import HmacOpener, HmacSealer
+
+    big = bytes(range(256)) * 5000  # more than one chunk
+    stream = b"".join(bytes(b) for b in encode_message(HmacSealer(KEY), TASK, b"body", [big]))
+    reader = FrameReader(HmacOpener(KEY))
+    messages = feed(reader, stream)
+    assert [(m.kind, bytes(m.body), [bytes(b) for b in m.buffers]) for m in messages] == [(TASK, b"body", [big])]
+
+    tampered = bytearray(stream)
+    tampered[len(stream) // 2] ^= 1
+    with pytest.raises(ProtocolError):
+        feed(FrameReader(HmacOpener(KEY)), bytes(tampered))
+
+
+def test_a_client_without_aes_gcm_gets_hmac_sealing() -> None:
+    from clusterexec import protocol
+
+    client = ClientHandshake(KEY, CLIENT_INFO)
+    client._seals = ["hmac-sha256"]  # as on an interpreter without the cryptography package
+    client._hello = protocol.HELLO.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, client._nonce) + protocol.pack_json(
+        {**CLIENT_INFO, "seal": client._seals}
+    )
+    node = ServerHandshake(KEY, NODE_INFO)
+    proof = client.on_server_hello(node.on_client_hello(client.hello()[2:])[2:])
+    node.on_client_proof(proof[2:])
+    assert client.keys is not None and node.keys is not None
+    assert client.keys.seal == node.keys.seal == "hmac-sha256"
+    frame = b"".join(bytes(b) for b in encode_message(client.keys.sealer(), PING))
+    assert [m.kind for m in feed(FrameReader(node.keys.opener()), frame)] == [PING]
