@@ -91,3 +91,29 @@ def parse_nodes(nodes: object) -> list[NodeAddress]:
     if not out:
         raise ConfigurationError("nodes is empty; pass at least one address, or None for local nodes")
     return out
+
+
+@dataclass(frozen=True)
+class SshSpec:
+    """A node to start over SSH: ``ssh://[user@]host[:sshport]`` or EasyCluster's
+    ``user@host[:sshport][:opt=val]...``. ``options`` holds the ``opt=val`` pairs in order
+    (``python=``, ``workers=``, ``key_filename=``...)."""
+
+    host: str
+    user: str | None = None
+    port: int = 22
+    options: tuple[tuple[str, str], ...] = ()
+
+    def option(self, name: str, default: str | None = None) -> str | None:
+        """The value of option ``name`` (the last one given), or ``default``."""
+        value = default
+        for key, val in self.options:
+            if key == name:
+                value = val
+        return value
+
+    def __str__(self) -> str:
+        user = f"{self.user}@" if self.user else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        port = f":{self.port}" if self.port != 22 else ""
+        return f"ssh://{user}{host}{port}"
