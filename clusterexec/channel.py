@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 
 from clusterexec.protocol import (
     DEFAULT_MAX_FRAME,
+    HEAD,
+    SIZE,
     Buffer,
     FrameReader,
     Message,
@@ -41,6 +43,7 @@ class Channel:
         self._pieces: deque[Iterator[Buffer]] = deque()
         self._wire: deque[memoryview] = deque()
         self._wire_bytes = 0
+        self._unsealed = 0
 
     def feed_initial(self, data: bytes) -> list[Message]:
         """Decode bytes that arrived before the channel existed (after a handshake)."""
@@ -80,6 +83,10 @@ class Channel:
     def send(self, kind: int, body: Buffer = b"", buffers: Sequence[Buffer] = ()) -> None:
         """Queue one message; it is sealed and written by :meth:`flush`."""
         self._pieces.append(message_pieces(kind, body, buffers))
+        size = HEAD.size + len(body)
+        for buffer in buffers:
+            size += SIZE.size + memoryview(buffer).nbytes
+        self._unsealed += size
 
     @property
     def wants_write(self) -> bool:
@@ -88,8 +95,13 @@ class Channel:
 
     @property
     def queued_bytes(self) -> int:
-        """Sealed bytes waiting for the socket (a bound for back-pressure)."""
+        """Sealed bytes waiting for the socket."""
         return self._wire_bytes
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued but not yet written, sealed or not (what back-pressure watches)."""
+        return self._wire_bytes + self._unsealed
 
     def _seal_more(self) -> None:
         while self._pieces and self._wire_bytes < HIGH_WATER:
@@ -98,6 +110,7 @@ class Channel:
             if piece is None:
                 self._pieces.popleft()
                 continue
+            self._unsealed -= memoryview(piece).nbytes
             for buf in self._sealer.frame(piece):
                 view = memoryview(buf).cast("B") if not isinstance(buf, (bytes, bytearray)) else memoryview(buf)
                 if view.nbytes:
@@ -139,6 +152,7 @@ class Channel:
         """Close the socket; queued data is dropped."""
         self._pieces.clear()
         self._wire.clear()
+        self._wire_bytes = self._unsealed = 0
         try:
             self.sock.close()
         except OSError:

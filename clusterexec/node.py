@@ -44,6 +44,10 @@ from clusterexec.session import NodeHost, Session, SessionState, WorkerProcess, 
 log = logging.getLogger("clusterexec.node")
 
 EXIT_USAGE = 2
+# Back-pressure: a session's workers are not read while more than BACKLOG_HIGH bytes wait to go
+# to its client, and are read again below BACKLOG_LOW.
+BACKLOG_HIGH = 64 << 20
+BACKLOG_LOW = 16 << 20
 
 
 @dataclass
@@ -187,7 +191,10 @@ class Node(NodeHost):
         fd = worker.channel.sock.fileno()
         if fd >= 0 and fd in self.worker_fds:
             del self.worker_fds[fd]
-            self.selector.unregister(fd)
+            try:
+                self.selector.unregister(fd)
+            except KeyError:
+                pass
             self.write_interest.discard(fd)
             self.dirty.discard(worker.channel)
             worker.channel.close()
@@ -270,17 +277,53 @@ class Node(NodeHost):
                 self._on_channel_error(fd, "connection lost while writing")
                 continue
             self._set_write_interest(fd, not done)
+        self._apply_backpressure()
+
+    def _apply_backpressure(self) -> None:
+        """Stop reading a session's workers while its client is not reading its results.
+
+        The workers then block on their own sockets, so a client that stops reading costs the
+        node at most about BACKLOG_HIGH bytes, and other sessions go on."""
+        for session in self.sessions.values():
+            backlog = session.channel.backlog
+            if not session.paused and backlog > BACKLOG_HIGH:
+                session.paused = True
+            elif session.paused and backlog < BACKLOG_LOW:
+                session.paused = False
+            else:
+                continue
+            for process in session.workers:
+                fd = process.channel.sock.fileno()
+                if fd in self.worker_fds:
+                    self._update_events(fd)
 
     def _set_write_interest(self, fd: int, want: bool) -> None:
         if want == (fd in self.write_interest):
             return
-        key = self.selector.get_key(fd)
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-        self.selector.modify(fd, events, key.data)
         if want:
             self.write_interest.add(fd)
         else:
             self.write_interest.discard(fd)
+        self._update_events(fd)
+
+    def _update_events(self, fd: int) -> None:
+        entry = self.worker_fds.get(fd)
+        paused = entry is not None and entry[0].paused
+        events = (0 if paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if fd in self.write_interest else 0)
+        try:
+            key = self.selector.get_key(fd)
+        except KeyError:
+            key = None
+        if key is not None and key.events == events:
+            return
+        # A paused worker with nothing to write is unregistered until the client catches up.
+        handler = key.data if key is not None else self._on_worker_readable
+        if key is not None and events:
+            self.selector.modify(fd, events, handler)
+        elif key is not None:
+            self.selector.unregister(fd)
+        elif events:
+            self.selector.register(fd, events, handler)
 
     def _on_channel_error(self, fd: int, reason: str) -> None:
         if fd in self.sessions:

@@ -128,6 +128,7 @@ class Session:
         self.tasks_done = 0
         self.tasks_crashed = 0
         self.opened = time.monotonic()
+        self.paused = False
 
     # ------------------------------------------------------------------ client side
 
