@@ -75,7 +75,9 @@ class SessionRequest:
         max_tasks_per_child: int | None,
         heartbeat_interval: float,
         init: tuple[bytes, tuple[object, ...]] | None,
+        output: bool = False,
     ) -> None:
+        self.output = output
         self.workers = workers
         self.max_tasks_per_child = max_tasks_per_child
         self.heartbeat_interval = heartbeat_interval
@@ -88,6 +90,7 @@ class SessionRequest:
                 "workers": workers,
                 "max_tasks_per_child": self.max_tasks_per_child,
                 "heartbeat_interval": self.heartbeat_interval,
+                "output": self.output,
             }
         )
         buffers: list[object] = []

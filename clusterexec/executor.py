@@ -22,6 +22,7 @@ from clusterexec.connection import LinkState, NodeLink, SessionRequest
 from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
 from clusterexec.keys import resolve_key
 from clusterexec.local import LocalNode
+from clusterexec.output import OutputPrinter
 from clusterexec.protocol import FLAG_CHUNK
 from clusterexec.report import ClusterReport, ClusterStats, NodeReport, NodeStatus
 from clusterexec.scheduler import Scheduler, Task, TaskFuture, cancel_and_notify
@@ -91,6 +92,8 @@ class ClusterExecutor(Executor):
         reconnect_window: float = 30.0,
         modules: Iterable[types.ModuleType | str] = (),
         auto_modules: bool = True,
+        forward_output: bool = True,
+        output_prefix: str | None = "[{node}] ",
         mp_context: object = None,
     ) -> None:
         if rerunning_main():
@@ -128,7 +131,7 @@ class ClusterExecutor(Executor):
             payload = dumps((initializer, tuple(initargs)), self._catalog)
             init = (payload.body, payload.buffers)
             preload = preload + payload.modules
-        request = SessionRequest(None, max_tasks_per_child, heartbeat_interval, init)
+        request = SessionRequest(None, max_tasks_per_child, heartbeat_interval, init, output=forward_output)
         if nodes is None:
             self._max_workers = max_workers or os.cpu_count() or 1
             node = LocalNode(self._max_workers)
@@ -152,6 +155,7 @@ class ClusterExecutor(Executor):
             reconnect_window=reconnect_window,
             closers=[n.stop for n in self._local],
             preload=preload,
+            output=OutputPrinter(output_prefix) if forward_output else None,
         )
         self._scheduler.start()
         _live.add(self._scheduler)

@@ -148,12 +148,14 @@ class Node(NodeHost):
             "tasks_run": self.tasks_run,
         }
 
-    def fork_worker(self, sock: socket.socket) -> int:
+    def fork_worker(self, sock: socket.socket, output: list[int]) -> int:
         """Fork a worker serving ``sock``; the child never returns from here."""
         pid = os.fork()
         if pid:
             return pid
         try:
+            for target, fd in zip((1, 2), output, strict=False):
+                os.dup2(fd, target)
             self._become_worker(sock)
         finally:
             os._exit(1)
@@ -170,11 +172,40 @@ class Node(NodeHost):
         worker.main(sock)
 
     def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
-        """Start reading a worker's channel and tracking its pid."""
+        """Start reading a worker's channel (and output pipes) and tracking its pid."""
         fd = worker.channel.sock.fileno()
         self.worker_fds[fd] = (session, worker)
         self.worker_pids[worker.pid] = (session, worker)
         self.selector.register(fd, selectors.EVENT_READ, self._on_worker_readable)
+        for stream, pipe in enumerate(worker.output, start=1):
+            os.set_blocking(pipe, False)
+            self.selector.register(pipe, selectors.EVENT_READ, self._output_reader(session, worker, stream))
+
+    def _output_reader(self, session: Session, worker: WorkerProcess, stream: int) -> Callable[[int, int], None]:
+        def on_output(fd: int, events: int) -> None:
+            self._read_output(session, worker, stream, fd)
+
+        return on_output
+
+    def _read_output(self, session: Session, worker: WorkerProcess, stream: int, fd: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            session.on_output(worker, stream, data)
+            return
+        self.selector.unregister(fd)
+        os.close(fd)
+        worker.output[stream - 1] = -1
+
+    def drain_output(self, session: Session, worker: WorkerProcess) -> None:
+        """Forward what a worker has printed so far (called before forwarding its result)."""
+        for stream, fd in enumerate(worker.output, start=1):
+            if fd >= 0:
+                self._read_output(session, worker, stream, fd)
 
     def retire_worker(self, worker: WorkerProcess, kill: bool = False) -> None:
         """Stop feeding a worker; with ``kill`` terminate it, SIGKILL after a grace period."""
@@ -188,6 +219,11 @@ class Node(NodeHost):
             self._unwatch(worker)
 
     def _unwatch(self, worker: WorkerProcess) -> None:
+        for index, pipe in enumerate(worker.output):
+            if pipe >= 0:
+                self.selector.unregister(pipe)
+                os.close(pipe)
+                worker.output[index] = -1
         fd = worker.channel.sock.fileno()
         if fd >= 0 and fd in self.worker_fds:
             del self.worker_fds[fd]
@@ -477,6 +513,7 @@ class Node(NodeHost):
                 # Read what the worker wrote before it died, so a result sent just before
                 # an exit is not mistaken for a crash.
                 self._on_worker_readable(fd, selectors.EVENT_READ)
+                self.drain_output(session, worker)
                 self._unwatch(worker)
             log.debug("worker %d exited: %s", pid, describe_status(status))
             session.on_worker_exit(worker, status, rusage.ru_maxrss)

@@ -74,6 +74,7 @@ HELLO = struct.Struct(f"!4sH{NONCE_SIZE}s")
 SERVER_HELLO = struct.Struct(f"!4sHB{NONCE_SIZE}s{PROOF_SIZE}s")
 TASK_HEAD = struct.Struct("!Q16sB")
 RESULT_HEAD = struct.Struct("!QB")
+OUTPUT_HEAD = struct.Struct("!BI")  # stream (1 stdout, 2 stderr), worker pid
 TASK_ID = struct.Struct("!Q")
 
 # Message kinds, client to node.
@@ -95,6 +96,7 @@ CRASHED = 24
 HEARTBEAT = 25
 BROKEN = 26
 STATUS_REPLY = 27
+OUTPUT = 28
 # Node to worker (TASK, FUNC, FORGET and MODULES are forwarded as they came).
 INIT = 40
 STOP = 41

@@ -25,6 +25,7 @@ from typing import Any
 
 from clusterexec.connection import LinkState, NodeLink
 from clusterexec.errors import BrokenCluster, ClusterError, NodeLostError, ProtocolError
+from clusterexec.output import OutputPrinter
 from clusterexec.protocol import (
     BROKEN,
     BYE,
@@ -34,6 +35,8 @@ from clusterexec.protocol import (
     FUNC,
     HEARTBEAT,
     MODULES,
+    OUTPUT,
+    OUTPUT_HEAD,
     RESULT,
     RESULT_HEAD,
     STARTED,
@@ -156,9 +159,11 @@ class Scheduler:
         reconnect_window: float,
         closers: Iterable[Callable[[], None]] = (),
         preload: tuple[ModuleSource, ...] = (),
+        output: OutputPrinter | None = None,
     ) -> None:
         self.links = links
         self.preload = preload
+        self.output = output
         self.retries = retries
         self.heartbeat_timeout = heartbeat_timeout
         self.reconnect_window = reconnect_window
@@ -449,6 +454,10 @@ class Scheduler:
                         f"fix the initializer. Remote traceback:\n{reason.get('error', '')}"
                     )
                 )
+            elif kind == OUTPUT:
+                stream, pid = OUTPUT_HEAD.unpack_from(message.body, 0)
+                if self.output is not None:
+                    self.output.write(link.name, stream, pid, bytes(memoryview(message.body)[OUTPUT_HEAD.size :]))
             elif kind == STATUS_REPLY:
                 info = unpack_json(message.body)
                 for reply in link.status_waiters:
@@ -685,6 +694,8 @@ class Scheduler:
                 except (OSError, ClusterError, Exception):
                     pass
             link.close()
+        if self.output is not None:
+            self.output.flush()
         leftover = BrokenCluster("the executor was shut down before these tasks could run")
         for task in list(self._tasks.values()):
             self._fail(task, self.broken or leftover)

@@ -31,6 +31,8 @@ from clusterexec.protocol import (
     INIT,
     INIT_FAILED,
     MODULES,
+    OUTPUT,
+    OUTPUT_HEAD,
     PING,
     RESULT,
     SESSION,
@@ -97,6 +99,7 @@ class WorkerProcess:
     busy_since: float = 0.0
     short: bool = False
     kill_deadline: float = 0.0
+    output: list[int] = field(default_factory=list)
 
 
 class Session:
@@ -129,6 +132,7 @@ class Session:
         self.tasks_crashed = 0
         self.opened = time.monotonic()
         self.paused = False
+        self.forward_output = False
 
     # ------------------------------------------------------------------ client side
 
@@ -181,6 +185,7 @@ class Session:
         self.max_tasks_per_child = max_tasks if isinstance(max_tasks, int) else 0
         interval = request.get("heartbeat_interval", 1.0)
         self.heartbeat_interval = float(interval) if isinstance(interval, (int, float)) else 1.0
+        self.forward_output = request.get("output") is True
         if message.buffers:
             self.init = Message(INIT, message.buffers[0], list(message.buffers[1:]))
         for _ in range(self.worker_count):
@@ -257,10 +262,13 @@ class Session:
 
     def _spawn(self) -> None:
         parent, child = socket.socketpair()
-        pid = self.node.fork_worker(child)
+        pipes = [os.pipe(), os.pipe()] if self.forward_output else []
+        pid = self.node.fork_worker(child, [w for _, w in pipes])
         child.close()
+        for _, w in pipes:
+            os.close(w)
         parent.setblocking(False)
-        worker = WorkerProcess(pid, Channel(parent, PlainSealer(), PlainOpener()))
+        worker = WorkerProcess(pid, Channel(parent, PlainSealer(), PlainOpener()), output=[r for r, _ in pipes])
         self.workers.append(worker)
         self.node.watch_worker(self, worker)
         if self.init is not None:
@@ -285,7 +293,15 @@ class Session:
         self._retire_spent(worker)
         self.dispatch()
 
+    def on_output(self, worker: WorkerProcess, stream: int, data: bytes) -> None:
+        """Forward what a worker printed to the client (only this session's client)."""
+        if self.state is SessionState.ACTIVE:
+            self._to_client(OUTPUT, OUTPUT_HEAD.pack(stream, worker.pid) + data)
+
     def _on_result(self, worker: WorkerProcess, message: Message) -> None:
+        if worker.output:
+            # What the task printed goes out before its result.
+            self.node.drain_output(self, worker)
         (task_id,) = TASK_ID.unpack_from(message.body, 0)
         if not worker.outstanding or worker.outstanding[0][0] != task_id:
             raise ProtocolError(f"worker {worker.pid} answered for task {task_id} out of turn")
@@ -422,8 +438,12 @@ class NodeHost:
         """Facts about the node for the WELCOME message."""
         raise NotImplementedError
 
-    def fork_worker(self, sock: socket.socket) -> int:
-        """Fork a worker process serving ``sock``; return its pid."""
+    def fork_worker(self, sock: socket.socket, output: list[int]) -> int:
+        """Fork a worker process serving ``sock`` (stdout and stderr to ``output`` if given)."""
+        raise NotImplementedError
+
+    def drain_output(self, session: Session, worker: WorkerProcess) -> None:
+        """Forward whatever a worker has printed so far."""
         raise NotImplementedError
 
     def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
