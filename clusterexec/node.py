@@ -188,6 +188,8 @@ class Node(NodeHost):
         return on_output
 
     def _read_output(self, session: Session, worker: WorkerProcess, stream: int, fd: int) -> None:
+        if worker.output[stream - 1] != fd:
+            return  # a stale event: this pipe was closed earlier in the same loop iteration
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
