@@ -25,10 +25,11 @@ from clusterexec.local import LocalNode
 from clusterexec.output import OutputPrinter
 from clusterexec.protocol import FLAG_CHUNK
 from clusterexec.report import ClusterReport, ClusterStats, NodeReport, NodeStatus
-from clusterexec.scheduler import Scheduler, Task, TaskFuture, cancel_and_notify
+from clusterexec.scheduler import Scheduler
 from clusterexec.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.shipping import ModuleCatalog, rerunning_main
 from clusterexec.specs import NodeAddress, parse_address, parse_nodes
+from clusterexec.tasks import Task, TaskFuture, cancel_and_notify
 
 T = TypeVar("T")
 

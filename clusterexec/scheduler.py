@@ -9,7 +9,6 @@ up to ``retries`` times.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import selectors
@@ -55,96 +54,15 @@ from clusterexec.protocol import (
     CANCELLED as CANCELLED_KIND,
 )
 from clusterexec.report import ClusterStats, NodeStats
-from clusterexec.serialize import FunctionPayload, Payload, crash_error, decode_result
+from clusterexec.serialize import crash_error, decode_result
 from clusterexec.shipping import ModuleSource, encode_sources
+from clusterexec.tasks import Reply, Task, TaskFuture, TaskState, cancel_and_notify
 
 log = logging.getLogger("clusterexec")
 
 MAX_FUNCTIONS = 256
 MAX_FUNCTION_BYTES = 1 << 30
 CANCEL_TIMEOUT = 10.0
-
-
-class TaskState(enum.Enum):
-    """Where a task is, as the client sees it."""
-
-    QUEUED = "queued"
-    SENT = "sent"
-    STARTED = "started"
-    DONE = "done"
-
-
-class Task:
-    """One unit of work: its future, its pickled function and arguments, where it is."""
-
-    __slots__ = ("task_id", "future", "function", "payload", "flags", "state", "attempts", "link", "replies", "target")
-
-    def __init__(
-        self,
-        future: TaskFuture,
-        function: FunctionPayload,
-        payload: Payload,
-        flags: int = 0,
-        target: NodeLink | None = None,
-    ) -> None:
-        self.task_id = 0
-        self.future = future
-        self.function = function
-        self.payload = payload
-        self.flags = flags
-        self.state = TaskState.QUEUED
-        self.attempts = 0
-        self.link: NodeLink | None = None
-        self.replies: list[_Reply] | None = None
-        self.target = target
-
-
-class _Reply:
-    """A user thread waiting for the I/O thread's answer to a cancel."""
-
-    __slots__ = ("event", "value")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.value: Any = False
-
-    def answer(self, value: Any) -> None:
-        self.value = value
-        self.event.set()
-
-
-class TaskFuture(Future[Any]):
-    """A Future whose ``cancel()`` also reaches tasks already sent ahead to a node.
-
-    Such a task is cancelled on the node if it has not started there (it then never runs);
-    ``cancel()`` waits for the node's answer (one round trip).
-    """
-
-    def __init__(self, scheduler: Scheduler) -> None:
-        super().__init__()
-        self._scheduler: Scheduler | None = scheduler
-        self._task: Task | None = None
-
-    def cancel(self) -> bool:
-        """Cancel the task if it has not started; return True if it is cancelled."""
-        with self._condition:
-            task = self._task
-            if task is None or task.state is not TaskState.SENT or self._state != PENDING:
-                return cancel_and_notify(self)
-            scheduler = self._scheduler
-        if scheduler is None:
-            return False
-        return scheduler.cancel_sent(task)
-
-
-def cancel_and_notify(future: Future[Any]) -> bool:
-    """Cancel a future that has not started and wake its waiters, so ``wait`` and
-    ``as_completed`` see it done at once. Returns what ``Future.cancel`` returns."""
-    with future._condition:
-        cancelled = Future.cancel(future)
-        if cancelled and future._state == CANCELLED:
-            future.set_running_or_notify_cancel()
-        return cancelled
 
 
 class Scheduler:
@@ -205,7 +123,7 @@ class Scheduler:
 
     def cancel_sent(self, task: Task) -> bool:
         """Cancel a task sent to a node; blocks for the node's answer. Thread-safe."""
-        reply = _Reply()
+        reply = Reply()
         if threading.get_ident() == self._io_ident:
             self._requests.append(("cancel", (task, None)))
             return False
@@ -232,7 +150,7 @@ class Scheduler:
     def node_status(self, link: NodeLink, timeout: float) -> dict[str, Any] | None:
         """Ask a node for its health report; None if it is not connected or does not answer.
         Thread-safe; blocks up to ``timeout``."""
-        reply = _Reply()
+        reply = Reply()
         reply.value = None
         self._requests.append(("status", (link, reply)))
         self._wake()
@@ -526,7 +444,7 @@ class Scheduler:
                 reply.answer(value)
             task.replies = None
 
-    def _cancel(self, tasks: list[Task], reply: _Reply | None) -> None:
+    def _cancel(self, tasks: list[Task], reply: Reply | None) -> None:
         by_link: dict[NodeLink, list[int]] = {}
         for task in tasks:
             if task.state is TaskState.QUEUED:

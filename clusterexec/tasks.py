@@ -1,0 +1,102 @@
+"""Tasks as the client holds them: the Task record, its Future, and cancelling.
+
+A task moves QUEUED -> SENT -> STARTED -> DONE, changed only by the I/O thread. A task SENT to
+a node but not started there can still be cancelled: ``TaskFuture.cancel()`` asks the node
+(one round trip) and the task then never runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED, PENDING
+from typing import TYPE_CHECKING, Any
+
+from clusterexec.serialize import FunctionPayload, Payload
+
+if TYPE_CHECKING:
+    from clusterexec.connection import NodeLink
+    from clusterexec.scheduler import Scheduler
+
+
+class TaskState(enum.Enum):
+    """Where a task is, as the client sees it."""
+
+    QUEUED = "queued"
+    SENT = "sent"
+    STARTED = "started"
+    DONE = "done"
+
+
+class Task:
+    """One unit of work: its future, its pickled function and arguments, where it is."""
+
+    __slots__ = ("task_id", "future", "function", "payload", "flags", "state", "attempts", "link", "replies", "target")
+
+    def __init__(
+        self,
+        future: TaskFuture,
+        function: FunctionPayload,
+        payload: Payload,
+        flags: int = 0,
+        target: NodeLink | None = None,
+    ) -> None:
+        self.task_id = 0
+        self.future = future
+        self.function = function
+        self.payload = payload
+        self.flags = flags
+        self.state = TaskState.QUEUED
+        self.attempts = 0
+        self.link: NodeLink | None = None
+        self.replies: list[Reply] | None = None
+        self.target = target
+
+
+class Reply:
+    """A user thread waiting for the I/O thread's answer to a cancel."""
+
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value: Any = False
+
+    def answer(self, value: Any) -> None:
+        self.value = value
+        self.event.set()
+
+
+class TaskFuture(Future[Any]):
+    """A Future whose ``cancel()`` also reaches tasks already sent ahead to a node.
+
+    Such a task is cancelled on the node if it has not started there (it then never runs);
+    ``cancel()`` waits for the node's answer (one round trip).
+    """
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        super().__init__()
+        self._scheduler: Scheduler | None = scheduler
+        self._task: Task | None = None
+
+    def cancel(self) -> bool:
+        """Cancel the task if it has not started; return True if it is cancelled."""
+        with self._condition:
+            task = self._task
+            if task is None or task.state is not TaskState.SENT or self._state != PENDING:
+                return cancel_and_notify(self)
+            scheduler = self._scheduler
+        if scheduler is None:
+            return False
+        return scheduler.cancel_sent(task)
+
+
+def cancel_and_notify(future: Future[Any]) -> bool:
+    """Cancel a future that has not started and wake its waiters, so ``wait`` and
+    ``as_completed`` see it done at once. Returns what ``Future.cancel`` returns."""
+    with future._condition:
+        cancelled = Future.cancel(future)
+        if cancelled and future._state == CANCELLED:
+            future.set_running_or_notify_cancel()
+        return cancelled
