@@ -1,10 +1,40 @@
 """Task functions for the benchmarks, in a module of their own so that pickling them by
-reference works for ``ProcessPoolExecutor`` (its workers import this module) and for
-``ClusterExecutor`` (local nodes inherit this interpreter's ``sys.path``)."""
+reference works for ``ProcessPoolExecutor`` and loky (their workers import this module), for
+dask (its workers inherit this interpreter's ``sys.path``) and for ``ClusterExecutor`` (local
+nodes inherit ``sys.path``; a node started by hand gets this module shipped by source)."""
 
 from __future__ import annotations
+
+import time
+from typing import Any
 
 
 def noop(x: int) -> int:
     """Return ``x``: a task whose cost is all overhead."""
     return x
+
+
+def identity(x: Any) -> Any:
+    """Return the argument unchanged: a round trip of the data both ways."""
+    return x
+
+
+def first_plus(data: Any, x: int) -> int:
+    """``data[0] + x``: a small result from a task bound to a large ``data``
+    (``functools.partial(first_plus, data)``), so the cost is shipping ``data``."""
+    return int(data[0]) + x
+
+
+def spin(iterations: int) -> int:
+    """A pure-Python loop of ``iterations`` steps: CPU-bound work that holds the GIL."""
+    total = 0
+    for i in range(iterations):
+        total += i & 7
+    return total
+
+
+def timed_spin(iterations: int) -> float:
+    """Run :func:`spin` and return how long it took in this process (seconds)."""
+    started = time.perf_counter()
+    spin(iterations)
+    return time.perf_counter() - started

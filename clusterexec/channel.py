@@ -168,6 +168,17 @@ class BlockingChannel:
         self._reader = FrameReader(opener)
         self._ready: deque[Message] = deque()
 
+    def feed_initial(self, data: bytes) -> None:
+        """Decode bytes read before the channel existed (past a handshake's last record);
+        the messages they complete are returned by the next :meth:`receive` calls."""
+        view = memoryview(data)
+        while view:
+            target = self._reader.writable()
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            self._ready.extend(self._reader.feed(n))
+            view = view[n:]
+
     def receive(self) -> Message:
         """Block until one message arrives. Raises ConnectionClosed on EOF."""
         while not self._ready:

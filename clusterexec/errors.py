@@ -68,3 +68,10 @@ class RemoteError(ClusterError):
 
     def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
         return (type(self), (self.type_name, self.message, self.remote_traceback))
+
+
+class HostKeyError(ClusterError):
+    """An SSH server's host key is not in known_hosts, or differs from the one recorded there.
+
+    The message names the host, the key's fingerprint and how to accept it.
+    """
