@@ -110,9 +110,10 @@ class NodeLink:
         workers: int | None = None,
         connect_timeout: float = 10.0,
         max_frame: int = DEFAULT_MAX_FRAME,
+        name: str | None = None,
     ) -> None:
         self.address = address
-        self.name = str(address)
+        self.name = name or str(address)
         self._key = key or b""
         self._request = request
         self._wanted_workers = workers

@@ -16,6 +16,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
+from pathlib import Path
 from typing import Any, TypeVar
 
 from clusterexec.connection import LinkState, NodeLink, SessionRequest
@@ -28,7 +29,15 @@ from clusterexec.report import ClusterReport, ClusterStats, NodeReport, NodeStat
 from clusterexec.scheduler import Scheduler
 from clusterexec.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.shipping import ModuleCatalog, rerunning_main
-from clusterexec.specs import NodeAddress, parse_address, parse_nodes
+from clusterexec.specs import (
+    DEFAULT_PORT,
+    NodeAddress,
+    SshSpec,
+    cluster_from_env,
+    parse_address,
+    read_cluster_file,
+    resolve_nodes,
+)
 from clusterexec.tasks import Task, TaskFuture, cancel_and_notify
 
 T = TypeVar("T")
@@ -124,7 +133,7 @@ class ClusterExecutor(Executor):
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._functions: weakref.WeakKeyDictionary[Callable[..., Any], FunctionPayload] = weakref.WeakKeyDictionary()
-        self._local: list[LocalNode] = []
+        self._closers: list[Callable[[], None]] = []
         self._catalog = ModuleCatalog(list(modules), auto=auto_modules)
         preload = self._catalog.explicit
         init = None
@@ -133,28 +142,22 @@ class ClusterExecutor(Executor):
             init = (payload.body, payload.buffers)
             preload = preload + payload.modules
         request = SessionRequest(None, max_tasks_per_child, heartbeat_interval, init, output=forward_output)
+        if nodes is None and cluster_from_env():
+            nodes = Path(str(cluster_from_env()))
         if nodes is None:
             self._max_workers = max_workers or os.cpu_count() or 1
-            node = LocalNode(self._max_workers)
-            self._local.append(node)
-            addresses = [node.address]
-            node_key: bytes | None = node.key
-            shares: list[int | None] = [self._max_workers]
+            local = LocalNode(self._max_workers)
+            self._closers.append(local.stop)
+            links = [NodeLink(local.address, local.key, request, self._max_workers, connect_timeout)]
         else:
-            addresses = parse_nodes(nodes)
-            node_key = resolve_key(key, key_file)
-            shares = _spread(max_workers, len(addresses))
+            links = self._remote_links(resolve_nodes(nodes), key, key_file, max_workers, request, connect_timeout)
             self._max_workers = max_workers or 0
-        links = [
-            NodeLink(address, node_key, request, share, connect_timeout)
-            for address, share in zip(addresses, shares, strict=True)
-        ]
         self._scheduler = Scheduler(
             links,
             retries=retries,
             heartbeat_timeout=heartbeat_timeout,
             reconnect_window=reconnect_window,
-            closers=[n.stop for n in self._local],
+            closers=self._closers,
             preload=preload,
             output=OutputPrinter(output_prefix) if forward_output else None,
         )
@@ -165,6 +168,65 @@ class ClusterExecutor(Executor):
         self._check_connected()
         if nodes is not None and not self._max_workers:
             self._max_workers = sum(link.workers for link in links)
+
+    @classmethod
+    def from_cluster_file(
+        cls, path: str | os.PathLike[str], group: str | None = None, port: int = DEFAULT_PORT, **kwargs: Any
+    ) -> ClusterExecutor:
+        """An executor on the hosts of ``group`` in a clusterit/PEAK cluster file (``GROUP:``
+        and ``LUMP:`` sections; ``__all__`` is every host), each on ``port``. Other keyword
+        arguments are the constructor's."""
+        return cls(resolve_nodes(read_cluster_file(path, group), port), **kwargs)
+
+    def _remote_links(
+        self,
+        nodes: list[NodeAddress | SshSpec],
+        key: str | bytes | None,
+        key_file: str | os.PathLike[str] | None,
+        max_workers: int | None,
+        request: SessionRequest,
+        connect_timeout: float,
+    ) -> list[NodeLink]:
+        """One link per node; SSH nodes are started first (in parallel), each with its own key."""
+        shares = _spread(max_workers, len(nodes))
+        tcp_key = resolve_key(key, key_file) if any(isinstance(n, NodeAddress) for n in nodes) else None
+        started = self._start_ssh_nodes([n for n in nodes if isinstance(n, SshSpec)], shares, nodes, connect_timeout)
+        links = []
+        for node, share in zip(nodes, shares, strict=True):
+            if isinstance(node, SshSpec):
+                ssh = started[node]
+                links.append(NodeLink(ssh.address, ssh.key, request, share, connect_timeout, name=str(node)))
+            else:
+                links.append(NodeLink(node, tcp_key, request, share, connect_timeout))
+        return links
+
+    def _start_ssh_nodes(
+        self, specs: list[SshSpec], shares: list[int | None], nodes: list[Any], connect_timeout: float
+    ) -> dict[SshSpec, Any]:
+        if not specs:
+            return {}
+        from clusterexec.ssh import SshNode
+
+        started: dict[SshSpec, Any] = {}
+        errors: list[BaseException] = []
+
+        def start(spec: SshSpec) -> None:
+            try:
+                started[spec] = SshNode(spec, shares[nodes.index(spec)], connect_timeout)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=(spec,), daemon=True) for spec in specs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self._closers.extend(node.stop for node in started.values())
+        if errors:
+            for close in self._closers:
+                close()
+            raise errors[0]
+        return started
 
     def _check_connected(self) -> None:
         outcome = self._scheduler.first_outcome
@@ -309,7 +371,13 @@ class ClusterExecutor(Executor):
         return self._queue(function, lambda: dumps_call(args, kwargs, self._catalog), target=link)
 
     def _link(self, node: NodeStatus | NodeAddress | str | tuple[str, int]) -> NodeLink:
-        name = node.address if isinstance(node, NodeStatus) else str(parse_address(node))
+        names = {link.name for link in self._scheduler.links}
+        if isinstance(node, NodeStatus):
+            name = node.address
+        elif isinstance(node, str) and node in names:
+            name = node
+        else:
+            name = str(parse_address(node))
         for link in self._scheduler.links:
             if link.name == name:
                 return link

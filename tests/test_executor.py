@@ -700,3 +700,19 @@ def test_each_client_session_has_its_own_workers(node: NodeProcess, key_file: Pa
         second_pids = set(second.map(helpers.pid_of, range(6)))
         assert first_pids.isdisjoint(second_pids)
         assert set(second.map(helpers.get_global, range(6))) == {None}
+
+
+@pytest.mark.timeout(30)
+def test_cluster_file_and_cluster_env_var_name_the_nodes(
+    node: NodeProcess, key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = tmp_path / "cluster.conf"
+    cluster.write_text(f"# hosts\nGROUP:gpu\n{node.host}\nGROUP:cpu\nnowhere.invalid\n")
+    with ClusterExecutor.from_cluster_file(cluster, group="gpu", port=node.port, key_file=key_file) as ex:
+        assert [n.address for n in ex.nodes] == [node.address]
+        assert ex.submit(helpers.square, 5).result(timeout=10) == 25
+    cluster.write_text(f"{node.address}\n")
+    monkeypatch.setenv("CLUSTER", str(cluster))
+    with ClusterExecutor(key_file=key_file) as ex:
+        assert [n.address for n in ex.nodes] == [node.address]
+        assert ex.submit(helpers.square, 6).result(timeout=10) == 36

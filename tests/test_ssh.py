@@ -181,3 +181,16 @@ def test_bad_options_are_named_before_connecting(option: str, value: str) -> Non
     spec = SshSpec("192.0.2.1", "someone", 22, ((option, value),))  # TEST-NET: never contacted
     with pytest.raises(ConfigurationError, match=f"ssh://someone@192.0.2.1: option {option}="):
         SshNode(spec)
+
+
+@pytest.mark.timeout(120)
+def test_an_easycluster_spec_string_starts_the_node_for_the_executor(sshd: SshServer, remote_python: Path) -> None:
+    spec = make_spec(sshd, remote_python, workers="2")
+    options = "".join(f":{k}={v}" for k, v in spec.options)
+    text = f"{spec.user}@127.0.0.1:{spec.port}{options}"
+    with ClusterExecutor([text]) as ex:
+        assert [n.state for n in ex.nodes] == ["ready"]
+        assert ex.nodes[0].address == str(spec)
+        assert list(ex.map(pow, range(20), range(20))) == [i**i for i in range(20)]
+        assert ex.submit_to(str(spec), abs, -4).result(timeout=30) == 4
+    assert not bootstrap_processes()
