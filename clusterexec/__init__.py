@@ -6,6 +6,7 @@ The executor is imported on first use, so ``python -m clusterexec.node`` starts 
 
 from __future__ import annotations
 
+import logging as _logging
 from typing import TYPE_CHECKING, Any
 
 from clusterexec._version import __version__
@@ -22,6 +23,9 @@ from clusterexec.errors import (
     VersionMismatchError,
     WorkerCrashedError,
 )
+
+# A library adds no handlers of its own: the application decides where our log lines go.
+_logging.getLogger("clusterexec").addHandler(_logging.NullHandler())
 
 if TYPE_CHECKING:
     from clusterexec.executor import ClusterExecutor

@@ -136,6 +136,8 @@ class NodeLink:
         self.attempts = 0
         self.retry_at = 0.0
         self.lost_since = 0.0
+        self.down_since = 0.0
+        self.loss_reason: ClusterError | None = None
         self.tasks_done = 0
         self.tasks_failed = 0
         self.pinned: deque[Any] = deque()
@@ -144,6 +146,13 @@ class NodeLink:
         self.result_interval = INITIAL_INTERVAL
 
     def _set_state(self, state: LinkState) -> None:
+        # down_since: when the link last stopped being usable (the reconnect window counts
+        # from there, not from the last failed attempt); loss_reason: why it stopped.
+        if state is LinkState.READY:
+            self.down_since = 0.0
+            self.loss_reason = None
+        elif not self.down_since:
+            self.down_since = time.monotonic()
         if state is not self.state:
             log.info("node %s: %s -> %s", self.name, self.state.value, state.value)
             self.state = state
@@ -335,6 +344,8 @@ class NodeLink:
 
     def _fail(self, error: ClusterError) -> None:
         self.error = error
+        if self.loss_reason is None:
+            self.loss_reason = error
         self._close_socket()
         self.lost_since = time.monotonic()
         self._set_state(LinkState.LOST)

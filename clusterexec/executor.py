@@ -275,7 +275,7 @@ class ClusterExecutor(Executor):
             return future
         try:
             payload = make_payload()
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a __reduce__ calling sys.exit() is the task's error
             _note(exc, "the arguments of this task could not be pickled")
             future.set_exception(exc)
             return future
@@ -294,7 +294,7 @@ class ClusterExecutor(Executor):
             self._check_open()
         try:
             function: FunctionPayload | BaseException = self._function(fn)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a __reduce__ calling sys.exit() is the task's error
             _note(exc, f"the callable {fn!r} could not be pickled")
             function = exc
         return self._queue(function, lambda: dumps_call(args, kwargs, self._catalog))
@@ -325,7 +325,7 @@ class ClusterExecutor(Executor):
             self._check_open()
         try:
             function: FunctionPayload | BaseException = pickle_function(fn, self._catalog)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a __reduce__ calling sys.exit() is the task's error
             _note(exc, f"the callable {fn!r} could not be pickled")
             function = exc
         catalog = self._catalog
@@ -365,7 +365,7 @@ class ClusterExecutor(Executor):
             self._check_open()
         try:
             function: FunctionPayload | BaseException = self._function(fn)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a __reduce__ calling sys.exit() is the task's error
             _note(exc, f"the callable {fn!r} could not be pickled")
             function = exc
         return self._queue(function, lambda: dumps_call(args, kwargs, self._catalog), target=link)

@@ -163,8 +163,9 @@ class Node(NodeHost):
 
     def _become_worker(self, sock: socket.socket) -> None:
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+        for signum in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python starts: BrokenPipeError, not death
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _die_with_parent()
         keep = sock.fileno()
@@ -200,7 +201,10 @@ class Node(NodeHost):
         if data:
             session.on_output(worker, stream, data)
             return
-        self.selector.unregister(fd)
+        try:
+            self.selector.unregister(fd)
+        except KeyError:
+            pass
         os.close(fd)
         worker.output[stream - 1] = -1
 
@@ -224,7 +228,10 @@ class Node(NodeHost):
     def _unwatch(self, worker: WorkerProcess) -> None:
         for index, pipe in enumerate(worker.output):
             if pipe >= 0:
-                self.selector.unregister(pipe)
+                try:
+                    self.selector.unregister(pipe)
+                except KeyError:
+                    pass
                 os.close(pipe)
                 worker.output[index] = -1
         fd = worker.channel.sock.fileno()
@@ -335,6 +342,22 @@ class Node(NodeHost):
                 fd = process.channel.sock.fileno()
                 if fd in self.worker_fds:
                     self._update_events(fd)
+                for stream, pipe in enumerate(process.output, start=1):
+                    if pipe < 0:
+                        continue
+                    # Output pipes too: a worker printing without end blocks on its full pipe.
+                    if session.paused:
+                        try:
+                            self.selector.unregister(pipe)
+                        except KeyError:
+                            pass
+                    else:
+                        try:
+                            self.selector.register(
+                                pipe, selectors.EVENT_READ, self._output_reader(session, process, stream)
+                            )
+                        except KeyError:
+                            pass
 
     def _set_write_interest(self, fd: int, want: bool) -> None:
         if want == (fd in self.write_interest):
@@ -564,6 +587,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", help="shared key file (or set CLUSTEREXEC_KEY)")
     parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="largest frame accepted, bytes")
     parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=HANDSHAKE_TIMEOUT,
+        help=f"seconds a new connection has to authenticate (default: {HANDSHAKE_TIMEOUT:g})",
+    )
+    parser.add_argument(
         "--insecure-no-auth",
         action="store_true",
         help="allow listening on a non-loopback address without a key (anyone who can connect runs code)",
@@ -606,6 +635,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         key=key,
         max_frame=args.max_frame,
+        handshake_timeout=args.handshake_timeout,
         insecure_no_auth=args.insecure_no_auth,
         exit_with_stdin=args.exit_with_stdin,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import select
 import selectors
 import socket
 import sys
@@ -224,7 +225,7 @@ class Scheduler:
             self._note_first_round()
             if self._stop and not self._outstanding():
                 return
-            if self._all_lost_for(self.reconnect_window, now) and (self._tasks or self._stop):
+            if self._all_lost_for(self.reconnect_window, time.monotonic()) and (self._tasks or self._stop):
                 self._break(BrokenCluster(self._lost_summary()))
                 if self._stop:
                     return
@@ -289,8 +290,15 @@ class Scheduler:
         timeout = 1.0
         for link in self.links:
             link.check_deadline(now)
-            if link.state is LinkState.READY and now - link.last_heard > self.heartbeat_timeout:
+            if (
+                link.state is LinkState.READY
+                and now - link.last_heard > self.heartbeat_timeout
+                and not _readable(link.sock)  # heartbeats may be waiting unread (a GIL-holding user thread)
+            ):
                 link.lose(NodeLostError(f"node {link.name} sent no heartbeat for {self.heartbeat_timeout:g}s"))
+            if link.state is not LinkState.READY and link.pinned and link.down_since:
+                if now - link.down_since >= self.reconnect_window:
+                    self._fail_pinned(link)
             if link.state is LinkState.LOST:
                 if link.inflight:
                     self._requeue_lost(link)
@@ -581,13 +589,27 @@ class Scheduler:
             else:
                 self._queue.appendleft(task)
 
+    def _fail_pinned(self, link: NodeLink) -> None:
+        """Tasks given to one node with submit_to fail once that node stays down too long."""
+        reason = link.loss_reason or link.error
+        while link.pinned:
+            task = link.pinned.popleft()
+            self._fail(
+                task,
+                NodeLostError(
+                    f"task {task.task_id} was for node {link.name}, which has been down for more than "
+                    f"reconnect_window={self.reconnect_window:g}s ({reason})"
+                ),
+            )
+
     def _all_lost_for(self, window: float, now: float) -> bool:
-        if any(link.state is not LinkState.LOST for link in self.links):
-            return False
-        return all(now - link.lost_since >= window for link in self.links)
+        return all(
+            link.state is not LinkState.READY and link.down_since and now - link.down_since >= window
+            for link in self.links
+        )
 
     def _lost_summary(self) -> str:
-        lines = [f"  {link.name}: {link.error}" for link in self.links]
+        lines = [f"  {link.name}: {link.loss_reason or link.error}" for link in self.links]
         return "every node of the cluster is lost; no task can run:\n" + "\n".join(lines)
 
     def _break(self, error: BrokenCluster) -> None:
@@ -640,6 +662,15 @@ def version_skew_error(task_id: int, node: str, remote: str) -> ClusterError:
         "Move the function to the top level of a module (it then travels by source), or run the same "
         "Python version on both sides."
     )
+
+
+def _readable(sock: socket.socket | None) -> bool:
+    if sock is None:
+        return False
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
 
 
 def _release_function(link: NodeLink, digest: bytes) -> None:

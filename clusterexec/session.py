@@ -399,11 +399,14 @@ class Session:
         """End the session: close the client connection and kill its workers."""
         if self.state is SessionState.CLOSED:
             return
+        opened = self.state is not SessionState.WAITING
         self.state = SessionState.CLOSED
         self.queue.clear()
         self.functions.clear()
         self.stop_workers()
-        log.info(
+        # A status probe never opens a session: not worth an INFO line.
+        log.log(
+            logging.INFO if opened else logging.DEBUG,
             "session from %s ended (%s): %d tasks done, %d crashed, %.1fs",
             self.peer,
             reason,

@@ -86,6 +86,9 @@ def is_user_module(module: types.ModuleType) -> bool:
     if not filename or not filename.endswith(".py"):
         return False
     path = os.path.realpath(filename)
+    parts = path.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:  # installed, wherever the venv is
+        return False
     return not any(path.startswith(root + os.sep) for root in _ROOTS)
 
 

@@ -378,12 +378,6 @@ def test_node_logs_one_info_line_per_session_start_and_end(
     log.wait_for(rf"INFO session from {peer} ended \(client said goodbye\): 3 tasks done, 0 crashed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG session.py Session.close logs 'session from ... ended' at INFO for every connection that passed "
-    "the handshake, also one that never opened a session: each `clusterexec status` probe (every 2 s with --watch) "
-    "adds an INFO line about a session that never started. Log it at DEBUG when the state was still WAITING",
-)
 def test_a_status_probe_logs_no_session_line(node_factory: Callable[..., NodeProcess], key_file: Path) -> None:
     node = node_factory("--workers", "1", "--key-file", str(key_file), "--log-level", "INFO")
     log = NodeLog(node)

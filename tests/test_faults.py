@@ -280,12 +280,6 @@ def test_worker_killed_from_outside_busy_or_idle_is_replaced(cluster: Cluster) -
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG node.py Node._become_worker resets SIGPIPE to SIG_DFL in workers (Python starts with it "
-    "ignored): a task writing to a closed pipe or socket kills its worker (WorkerCrashedError, SIGPIPE) "
-    "instead of raising BrokenPipeError as under ProcessPoolExecutor",
-)
 def test_broken_pipe_in_a_task_is_an_exception_not_a_dead_worker(cluster: Cluster) -> None:
     node = cluster.node(workers=1)
     ex = cluster.executor([node])
@@ -350,17 +344,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterExecutor
             node.process.stdout.close()
 
 
-EXIT_AT_SUBMIT = pytest.mark.xfail(
-    strict=True,
-    reason="BUG executor.py ClusterExecutor._queue/submit/map: pickling is guarded by `except Exception`, so a "
-    "SystemExit raised by an argument's __reduce__ escapes submit() instead of failing the future",
-)
-
-
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(
-    "name", [pytest.param(name, marks=[EXIT_AT_SUBMIT] if name == "exit at task pickle" else []) for name in CASES]
-)
+@pytest.mark.parametrize("name", list(CASES))
 def test_bad_pickles_and_crashes_end_on_their_future(shared: ClusterExecutor, name: str) -> None:
     case = CASES[name]
     future = shared.submit(case.fn, *case.args)  # never raises: the error goes to the future
@@ -500,12 +485,6 @@ def test_task_holding_the_gil_does_not_get_its_node_declared_lost(
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG scheduler.py Scheduler._loop/_timers: the heartbeat deadline is checked before the sockets are "
-    "read, so after the I/O thread was kept from the GIL for longer than heartbeat_timeout, a node whose "
-    "heartbeats sit unread in its socket is declared lost (its tasks run twice)",
-)
 def test_client_thread_holding_the_gil_does_not_lose_healthy_nodes(
     cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -597,7 +576,6 @@ LOST_SINCE_RESET = (
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason=LOST_SINCE_RESET)
 def test_reconnect_window_longer_than_the_backoff_still_breaks_in_time(cluster: Cluster) -> None:
     nodes = [cluster.node(workers=1), cluster.node(workers=1)]
     ex = cluster.executor(nodes, reconnect_window=3.5)
@@ -610,13 +588,6 @@ def test_reconnect_window_longer_than_the_backoff_still_breaks_in_time(cluster: 
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason=LOST_SINCE_RESET + "; and Scheduler._all_lost_for needs every link in state LOST, but a reconnect to a "
-    "frozen node sits in `handshaking` for connect_timeout (the kernel accepts the TCP connection), so a cluster "
-    "of hung nodes breaks only by chance of phase, or never; the message then gives the last reconnect error "
-    "('did not answer within 1s'), not why each node was lost ('sent no heartbeat')",
-)
 def test_every_node_frozen_past_the_reconnect_window_breaks_the_executor(cluster: Cluster) -> None:
     nodes = [cluster.node(workers=1), cluster.node(workers=1)]
     ex = cluster.executor(
@@ -633,13 +604,6 @@ def test_every_node_frozen_past_the_reconnect_window_breaks_the_executor(cluster
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG scheduler.py: a task pinned with submit_to waits in NodeLink.pinned for its node forever while "
-    "another node is up (Scheduler._requeue_lost puts it back there, _all_lost_for never holds); a started "
-    "one cannot even be cancelled, so shutdown(wait=True) blocks forever. Fail pinned tasks with NodeLostError "
-    "once their node has been lost for reconnect_window",
-)
 def test_task_pinned_to_a_node_that_stays_lost_fails(cluster: Cluster) -> None:
     stays, dies = cluster.node(), cluster.node()
     ex = cluster.executor([stays, dies], reconnect_window=1.0)

@@ -906,12 +906,6 @@ def test_a_client_that_stops_reading_does_not_stall_the_others(start_secure_node
             "head -c 200000000 /dev/zero",
             4,
             id="200MB-printed",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="output pipes escape back-pressure: Node._apply_backpressure pauses a session's worker "
-                "sockets only; the stdout/stderr pipes registered by Node.watch_worker are still read and "
-                "Session.on_output queues every 64 KiB on the client channel",
-            ),
         ),
     ],
 )
