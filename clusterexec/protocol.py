@@ -292,7 +292,9 @@ class FrameReader:
             raise ProtocolError(
                 f"message announces {sum(sizes)} bytes of buffers, more than the limit of {self._max_message}"
             )
-        message = Message(kind, memoryview(plain)[offset:], [bytearray(s) for s in sizes])
+        # Buffers are allocated as their first chunk arrives, not when announced: a head alone
+        # cannot make the receiver reserve memory.
+        message = Message(kind, memoryview(plain)[offset:], [bytearray() for _ in sizes])
         assembly = _Assembly(message, sizes)
         if assembly.done():
             return message
@@ -323,6 +325,8 @@ class _Assembly:
 
     def target(self) -> memoryview:
         buf = self.message.buffers[self._index]
+        if self._offset == 0 and len(buf) != self._sizes[self._index]:
+            buf = self.message.buffers[self._index] = bytearray(self._sizes[self._index])
         return memoryview(buf)[self._offset : self._offset + self.expected()]
 
     def advance(self, n: int) -> bool:

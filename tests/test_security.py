@@ -815,11 +815,6 @@ def test_a_length_above_the_limits_is_refused_before_allocating(
     well_behaved_client_is_served(node)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FrameReader._on_head allocates every buffer a message head announces (bytearray(size), zero-filled) "
-    "as soon as the head opens; only the 16 GiB max_message bounds it, whatever --max-frame says",
-)
 def test_buffers_a_head_announces_are_not_allocated_before_they_arrive(
     start_secure_node: NodeStarter, key_file: Path
 ) -> None:
