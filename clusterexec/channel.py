@@ -9,6 +9,7 @@ used by a worker process.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -38,6 +39,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket, sealer: Sealer, opener: Opener, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
         self._sealer = sealer
         self._reader = FrameReader(opener, max_frame=max_frame)
         self._pieces: deque[Iterator[Buffer]] = deque()
@@ -68,7 +70,7 @@ class Channel:
             target = self._reader.writable()
             try:
                 n = self.sock.recv_into(target)
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 break
             except OSError as exc:
                 raise ConnectionClosed(str(exc)) from exc
@@ -76,7 +78,8 @@ class Channel:
                 raise ConnectionClosed("connection closed by peer")
             out.extend(self._reader.feed(n))
             budget -= n
-            if n < len(target):
+            # A short read means the socket is drained, unless TLS still holds decrypted bytes.
+            if n < len(target) and not (self._tls and self.sock.pending()):  # type: ignore[attr-defined]
                 break
         return out
 
@@ -128,8 +131,9 @@ class Channel:
                 return True
             batch = [self._wire[i] for i in range(min(len(self._wire), IOV_MAX))]
             try:
-                sent = self.sock.sendmsg(batch)
-            except (BlockingIOError, InterruptedError):
+                # TLS sockets have no sendmsg: one buffer at a time.
+                sent = self.sock.send(batch[0]) if self._tls else self.sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 return False
             except OSError as exc:
                 raise ConnectionClosed(str(exc)) from exc

@@ -14,6 +14,7 @@ import logging
 import platform
 import selectors
 import socket
+import ssl
 import time
 from collections import OrderedDict, deque
 from typing import Any
@@ -111,7 +112,10 @@ class NodeLink:
         connect_timeout: float = 10.0,
         max_frame: int = DEFAULT_MAX_FRAME,
         name: str | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls = tls
+        self._tls_pending = False
         self.address = address
         self.name = name or str(address)
         self._key = key or b""
@@ -162,6 +166,7 @@ class NodeLink:
     def connect(self, now: float) -> None:
         """Start a non-blocking connect. Errors end in the LOST state with ``error`` set."""
         self.attempts += 1
+        self._tls_pending = False
         # A new connection is a new session: the node holds none of what was sent before.
         self.functions.clear()
         self.function_refs.clear()
@@ -210,7 +215,10 @@ class NodeLink:
                 self._on_connected()
                 return []
             if self.state is LinkState.HANDSHAKING:
-                self._on_handshake_bytes()
+                if self._tls_pending:
+                    self._tls_step()
+                else:
+                    self._on_handshake_bytes()
                 return []
             assert self.channel is not None
             messages: list[Message] = []
@@ -244,6 +252,30 @@ class NodeLink:
         if code:
             self._fail(self._unreachable(code))
             return
+        if self.tls is not None:
+            self.sock = self.tls.wrap_socket(
+                self.sock, server_hostname=self.address.host, do_handshake_on_connect=False
+            )
+            self._tls_pending = True
+            self._set_state(LinkState.HANDSHAKING)
+            self._tls_step()
+            return
+        self._send_hello()
+
+    def _tls_step(self) -> None:
+        """Advance the TLS handshake; once done, start ours."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        try:
+            self.sock.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except ssl.SSLError as exc:
+            raise ProtocolError(f"TLS handshake failed: {exc.reason or exc}") from None
+        self._tls_pending = False
+        self._send_hello()
+
+    def _send_hello(self) -> None:
+        assert self.sock is not None
         info = {"python": platform.python_version(), "clusterexec": __version__, "cloudpickle": cloudpickle.__version__}
         self._handshake = ClientHandshake(self._key, info)
         self.sock.sendall(self._handshake.hello())
@@ -253,7 +285,9 @@ class NodeLink:
         assert self.sock is not None and self._handshake is not None
         try:
             data = self.sock.recv(8192)
-        except (BlockingIOError, InterruptedError):
+            while isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+                data += self.sock.recv(8192)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         if not data:
             raise ConnectionClosed("closed by the node")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import ssl
 import threading
 import time
 import types
@@ -102,6 +103,7 @@ class ClusterExecutor(Executor):
         reconnect_window: float = 30.0,
         modules: Iterable[types.ModuleType | str] = (),
         auto_modules: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
         forward_output: bool = True,
         output_prefix: str | None = "[{node}] ",
         mp_context: object = None,
@@ -151,6 +153,9 @@ class ClusterExecutor(Executor):
             links = [NodeLink(local.address, local.key, request, self._max_workers, connect_timeout)]
         else:
             links = self._remote_links(resolve_nodes(nodes), key, key_file, max_workers, request, connect_timeout)
+            for link in links:
+                if ssl_context is not None and not link.name.startswith("ssh://"):
+                    link.tls = ssl_context
             self._max_workers = max_workers or 0
         self._scheduler = Scheduler(
             links,

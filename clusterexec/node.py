@@ -21,6 +21,7 @@ import pwd
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
@@ -63,6 +64,7 @@ class NodeConfig:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     insecure_no_auth: bool = False
     exit_with_stdin: bool = False
+    tls: ssl.SSLContext | None = None
 
 
 class Pending:
@@ -75,6 +77,7 @@ class Pending:
         self.deadline = deadline
         self.records = RecordReader(max_records=2)
         self.hello_done = False
+        self.tls_pending = isinstance(sock, ssl.SSLSocket)
 
 
 def is_loopback(host: str) -> bool:
@@ -409,10 +412,13 @@ class Node(NodeHost):
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            if self.config.tls is not None:
+                sock = self.config.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             handshake = ServerHandshake(self.config.key or b"", {"workers": self.workers_per_session})
             pending = Pending(sock, peer, handshake, time.monotonic() + self.config.handshake_timeout)
             self.pending[sock.fileno()] = pending
-            self.selector.register(sock, selectors.EVENT_READ, self._on_handshake)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if pending.tls_pending else 0)
+            self.selector.register(sock, events, self._on_handshake)
 
     def _drop_pending(self, fd: int) -> None:
         pending = self.pending.pop(fd)
@@ -422,9 +428,18 @@ class Node(NodeHost):
     def _on_handshake(self, fd: int, events: int) -> None:
         pending = self.pending[fd]
         try:
+            if pending.tls_pending:
+                try:
+                    pending.sock.do_handshake()  # type: ignore[attr-defined]
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    return
+                pending.tls_pending = False
+                self.selector.modify(fd, selectors.EVENT_READ, self._on_handshake)
             data = pending.sock.recv(8192)
             if not data:
                 raise ConnectionClosed("closed during the handshake")
+            while getattr(pending.sock, "pending", lambda: 0)():
+                data += pending.sock.recv(8192)
             for rec in pending.records.feed(data):
                 if not pending.hello_done:
                     pending.sock.sendall(pending.handshake.on_client_hello(rec))
@@ -444,6 +459,11 @@ class Node(NodeHost):
             self._drop_pending(fd)
         except AuthenticationError as exc:
             log.warning("authentication failed for %s: %s", pending.peer, exc)
+            self._drop_pending(fd)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except ssl.SSLError as exc:
+            log.warning("TLS handshake with %s failed: %s", pending.peer, exc.reason or exc)
             self._drop_pending(fd)
         except (ProtocolError, ConnectionClosed, OSError) as exc:
             log.warning("handshake with %s failed: %s", pending.peer, exc)
@@ -597,6 +617,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow listening on a non-loopback address without a key (anyone who can connect runs code)",
     )
+    parser.add_argument("--tls-cert", help="TLS certificate (PEM) for the node: clients must connect with TLS")
+    parser.add_argument("--tls-key", help="private key (PEM) of --tls-cert (default: in the certificate file)")
+    parser.add_argument("--tls-ca", help="CA bundle (PEM): require client certificates signed by it")
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
@@ -629,6 +652,20 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.print_systemd_unit:
         return print_systemd_unit(args)
+    tls = None
+    if args.tls_cert:
+        try:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+            if args.tls_ca:
+                tls.load_verify_locations(args.tls_ca)
+                tls.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            print(f"clusterexec node: cannot use --tls-cert {args.tls_cert}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    elif args.tls_key or args.tls_ca:
+        print("clusterexec node: --tls-key and --tls-ca need --tls-cert", file=sys.stderr)
+        return EXIT_USAGE
     config = NodeConfig(
         host=args.host,
         port=args.port,
@@ -636,6 +673,7 @@ def run(args: argparse.Namespace) -> int:
         key=key,
         max_frame=args.max_frame,
         handshake_timeout=args.handshake_timeout,
+        tls=tls,
         insecure_no_auth=args.insecure_no_auth,
         exit_with_stdin=args.exit_with_stdin,
     )

@@ -1,0 +1,87 @@
+"""Optional TLS: a node with --tls-cert only talks TLS; the executor passes ssl_context=.
+
+TLS adds certificate-based identity of the node (and, with --tls-ca, of clients) on top of the
+key handshake and the sealed frames, which stay on.
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import NodeProcess
+
+from clusterexec import ClusterError, ClusterExecutor
+
+
+def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with openssl."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    key.chmod(0o600)
+    return cert, key
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> tuple[Path, Path]:
+    return make_cert(tmp_path, "node")
+
+
+@pytest.mark.timeout(60)
+def test_tasks_run_over_tls(node_factory, key_file: Path, certs: tuple[Path, Path]) -> None:
+    cert, key = certs
+    node: NodeProcess = node_factory(
+        "--workers", "2", "--key-file", str(key_file), "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    context = ssl.create_default_context(cafile=str(cert))
+    with ClusterExecutor([node.address], key_file=key_file, ssl_context=context) as ex:
+        assert list(ex.map(pow, range(50), range(50))) == [i**i for i in range(50)]
+        data = bytes(range(256)) * 40000  # 10 MB, many TLS records
+        assert ex.submit(bytes, data).result(timeout=30) == data
+
+
+@pytest.mark.timeout(60)
+def test_a_client_without_tls_or_with_an_untrusted_cert_is_refused(
+    node_factory, key_file: Path, certs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = certs
+    node: NodeProcess = node_factory("--key-file", str(key_file), "--tls-cert", str(cert), "--tls-key", str(key))
+    with pytest.raises(ClusterError, match=node.address):
+        ClusterExecutor([node.address], key_file=key_file, connect_timeout=3)
+    other, _ = make_cert(tmp_path, "other")
+    with pytest.raises(ClusterError, match="TLS"):
+        ClusterExecutor(
+            [node.address],
+            key_file=key_file,
+            connect_timeout=3,
+            ssl_context=ssl.create_default_context(cafile=str(other)),
+        )
+    # The node is still up and serves a good client.
+    with ClusterExecutor(
+        [node.address], key_file=key_file, ssl_context=ssl.create_default_context(cafile=str(cert))
+    ) as ex:
+        assert ex.submit(abs, -3).result(timeout=10) == 3
+
+
+@pytest.mark.timeout(60)
+def test_tls_ca_requires_client_certificates(
+    node_factory, key_file: Path, certs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = certs
+    client_cert, client_key = make_cert(tmp_path, "client")
+    node: NodeProcess = node_factory(
+        "--key-file", str(key_file), "--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(client_cert)
+    )
+    anonymous = ssl.create_default_context(cafile=str(cert))
+    with pytest.raises(ClusterError):
+        ClusterExecutor([node.address], key_file=key_file, connect_timeout=3, ssl_context=anonymous)
+    known = ssl.create_default_context(cafile=str(cert))
+    known.load_cert_chain(str(client_cert), str(client_key))
+    with ClusterExecutor([node.address], key_file=key_file, ssl_context=known) as ex:
+        assert ex.submit(abs, -4).result(timeout=10) == 4
