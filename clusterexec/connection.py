@@ -139,7 +139,6 @@ class NodeLink:
         self.last_heard = 0.0
         self.attempts = 0
         self.retry_at = 0.0
-        self.lost_since = 0.0
         self.down_since = 0.0
         self.loss_reason: ClusterError | None = None
         self.tasks_done = 0
@@ -381,7 +380,6 @@ class NodeLink:
         if self.loss_reason is None:
             self.loss_reason = error
         self._close_socket()
-        self.lost_since = time.monotonic()
         self._set_state(LinkState.LOST)
         log.warning("%s", error)
 

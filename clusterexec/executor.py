@@ -26,7 +26,7 @@ from clusterexec.keys import resolve_key
 from clusterexec.local import LocalNode
 from clusterexec.output import OutputPrinter
 from clusterexec.protocol import FLAG_CHUNK
-from clusterexec.report import ClusterReport, ClusterStats, NodeReport, NodeStatus
+from clusterexec.report import ClusterReport, ClusterStats, NodeReport, NodeStatus, report_from_status
 from clusterexec.scheduler import Scheduler
 from clusterexec.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.shipping import ModuleCatalog, rerunning_main
@@ -258,6 +258,14 @@ class ClusterExecutor(Executor):
             return cached
         return pickle_function(fn, self._catalog)
 
+    def _pickled(self, fn: Callable[..., Any]) -> FunctionPayload | BaseException:
+        """The callable's payload, or the error pickling it raised (set on the future, as PPE does)."""
+        try:
+            return self._function(fn)
+        except (Exception, SystemExit) as exc:  # a __reduce__ calling sys.exit() is the task's error
+            _note(exc, f"the callable {fn!r} could not be pickled")
+            return exc
+
     def _check_open(self) -> None:
         broken = self._scheduler.broken
         if broken is not None:
@@ -297,12 +305,7 @@ class ClusterExecutor(Executor):
         """
         with self._shutdown_lock:
             self._check_open()
-        try:
-            function: FunctionPayload | BaseException = self._function(fn)
-        except (Exception, SystemExit) as exc:  # a __reduce__ calling sys.exit() is the task's error
-            _note(exc, f"the callable {fn!r} could not be pickled")
-            function = exc
-        return self._queue(function, lambda: dumps_call(args, kwargs, self._catalog))
+        return self._queue(self._pickled(fn), lambda: dumps_call(args, kwargs, self._catalog))
 
     def map(
         self,
@@ -328,11 +331,7 @@ class ClusterExecutor(Executor):
         end_time = None if timeout is None else timeout + time.monotonic()
         with self._shutdown_lock:
             self._check_open()
-        try:
-            function: FunctionPayload | BaseException = pickle_function(fn, self._catalog)
-        except (Exception, SystemExit) as exc:  # a __reduce__ calling sys.exit() is the task's error
-            _note(exc, f"the callable {fn!r} could not be pickled")
-            function = exc
+        function = self._pickled(fn)
         catalog = self._catalog
         zipped = zip(*iterables, strict=False)
         if chunksize > 1:
@@ -368,12 +367,7 @@ class ClusterExecutor(Executor):
         link = self._link(node)
         with self._shutdown_lock:
             self._check_open()
-        try:
-            function: FunctionPayload | BaseException = self._function(fn)
-        except (Exception, SystemExit) as exc:  # a __reduce__ calling sys.exit() is the task's error
-            _note(exc, f"the callable {fn!r} could not be pickled")
-            function = exc
-        return self._queue(function, lambda: dumps_call(args, kwargs, self._catalog), target=link)
+        return self._queue(self._pickled(fn), lambda: dumps_call(args, kwargs, self._catalog), target=link)
 
     def _link(self, node: NodeStatus | NodeAddress | str | tuple[str, int]) -> NodeLink:
         names = {link.name for link in self._scheduler.links}
@@ -482,22 +476,7 @@ def _node_report(link: NodeLink, info: dict[str, Any] | None) -> NodeReport:
         else:
             reason = str(link.error) if link.error is not None else link.state.value
         return NodeReport(link.name, False, reason, workers=link.workers)
-
-    def number(key: str) -> float:
-        value = info.get(key, 0)
-        return value if isinstance(value, (int, float)) else 0
-
-    return NodeReport(
-        link.name,
-        True,
-        "",
-        workers=int(number("workers")),
-        busy=int(number("busy")),
-        tasks_run=int(number("tasks_run")),
-        python=str(info.get("python", "")),
-        clusterexec=str(info.get("clusterexec", "")),
-        uptime=float(number("uptime")),
-    )
+    return report_from_status(link.name, info)
 
 
 def _spread(total: int | None, count: int) -> list[int | None]:

@@ -28,7 +28,7 @@ from clusterexec.protocol import (
     SessionKeys,
     unpack_json,
 )
-from clusterexec.report import ClusterReport, NodeReport
+from clusterexec.report import ClusterReport, NodeReport, report_from_status
 from clusterexec.specs import NodeAddress
 
 DEFAULT_TIMEOUT = 5.0
@@ -95,26 +95,6 @@ def probe_all(addresses: Sequence[NodeAddress], key: bytes | None, timeout: floa
             report or NodeReport(str(address), False, "timed out")
             for address, report in zip(addresses, reports, strict=True)
         ]
-    )
-
-
-def report_from_status(address: str, info: dict[str, object]) -> NodeReport:
-    """A :class:`NodeReport` of an up node from its STATUS reply (missing fields are zero)."""
-
-    def number(name: str) -> float:
-        value = info.get(name, 0)
-        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
-
-    return NodeReport(
-        address,
-        True,
-        "",
-        workers=int(number("workers")),
-        busy=int(number("busy")),
-        tasks_run=int(number("tasks_run")),
-        python=str(info.get("python", "")),
-        clusterexec=str(info.get("clusterexec", "")),
-        uptime=float(number("uptime")),
     )
 
 

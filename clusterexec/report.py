@@ -77,3 +77,23 @@ class ClusterReport:
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+
+def report_from_status(address: str, info: dict[str, object]) -> NodeReport:
+    """A :class:`NodeReport` of an up node from its STATUS reply (missing fields are zero)."""
+
+    def number(name: str) -> float:
+        value = info.get(name, 0)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+    return NodeReport(
+        address,
+        True,
+        "",
+        workers=int(number("workers")),
+        busy=int(number("busy")),
+        tasks_run=int(number("tasks_run")),
+        python=str(info.get("python", "")),
+        clusterexec=str(info.get("clusterexec", "")),
+        uptime=float(number("uptime")),
+    )
