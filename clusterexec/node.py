@@ -17,7 +17,6 @@ import ipaddress
 import logging
 import os
 import platform
-import pwd
 import selectors
 import signal
 import socket
@@ -33,7 +32,7 @@ from clusterexec import worker
 from clusterexec._version import __version__
 from clusterexec.channel import Channel, ConnectionClosed
 from clusterexec.errors import AuthenticationError, ClusterError, ProtocolError, VersionMismatchError
-from clusterexec.keys import KEY_ENV, KEY_FILE_ENV, resolve_key
+from clusterexec.keys import resolve_key
 from clusterexec.protocol import (
     DEFAULT_MAX_FRAME,
     HANDSHAKE_TIMEOUT,
@@ -41,6 +40,7 @@ from clusterexec.protocol import (
     ServerHandshake,
     SessionKeys,
 )
+from clusterexec.service import print_systemd_unit
 from clusterexec.session import NodeHost, Session, SessionState, WorkerProcess, describe_status
 
 log = logging.getLogger("clusterexec.node")
@@ -698,73 +698,6 @@ def run(args: argparse.Namespace) -> int:
 
     node.serve_forever(ready)
     return 0
-
-
-def print_systemd_unit(args: argparse.Namespace) -> int:
-    """Print a systemd unit running this node with the same options; return the exit status.
-
-    The key must come from a file (``--key-file`` or $CLUSTEREXEC_KEY_FILE), named by its
-    absolute path: a unit file is world-readable, so a key from $CLUSTEREXEC_KEY is refused.
-    """
-    key_file = args.key_file or (None if os.environ.get(KEY_ENV) else os.environ.get(KEY_FILE_ENV))
-    if key_file is None and os.environ.get(KEY_ENV):
-        print(
-            f"clusterexec node: the key comes from ${KEY_ENV}, which a unit file (readable by all) must not "
-            "hold; write it to a file (`clusterexec keygen PATH`) and pass --key-file PATH",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    command = [os.path.abspath(sys.executable), "-m", "clusterexec.node", "--host", args.host, "--port", str(args.port)]
-    if args.workers:
-        command += ["--workers", str(args.workers)]
-    if key_file:
-        command += ["--key-file", os.path.abspath(key_file)]
-    if args.max_frame != DEFAULT_MAX_FRAME:
-        command += ["--max-frame", str(args.max_frame)]
-    if args.insecure_no_auth:
-        command.append("--insecure-no-auth")
-    command += ["--quiet"] if args.quiet else ["--log-level", args.log_level.upper()]
-    user = pwd.getpwuid(os.getuid()).pw_name
-    print(
-        SYSTEMD_UNIT.format(
-            host=args.host,
-            port=args.port,
-            user=user,
-            command=" ".join(_systemd_quote(word) for word in command),
-        ),
-        end="",
-    )
-    return 0
-
-
-SYSTEMD_UNIT = """\
-# Written by `clusterexec node --print-systemd-unit`. Install with:
-#   ... --print-systemd-unit | sudo tee /etc/systemd/system/clusterexec-node.service
-#   sudo systemctl daemon-reload && sudo systemctl enable --now clusterexec-node
-[Unit]
-Description=clusterexec node on {host}:{port}
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=simple
-# Clients of this node run code as this user: prefer an unprivileged account.
-User={user}
-ExecStart={command}
-Restart=on-failure
-RestartSec=2
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-
-def _systemd_quote(word: str) -> str:
-    """One ExecStart word, quoted for systemd (which expands %specifiers and $VARIABLES)."""
-    word = word.replace("%", "%%").replace("$", "$$")
-    if word and all(c.isalnum() or c in "/._-:=+,@%$" for c in word):
-        return word
-    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def main(argv: list[str] | None = None) -> int:
