@@ -12,22 +12,32 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Iterator, Sequence
+from itertools import islice
 
 from clusterexec.protocol import (
+    CHUNK,
     DEFAULT_MAX_FRAME,
+    FRAME_HEADER,
     HEAD,
     SIZE,
+    TAG_SIZE,
+    AeadSealer,
+    AnyBuffer,
     Buffer,
     FrameReader,
     Message,
     Opener,
     Sealer,
+    buffer_nbytes,
     message_pieces,
 )
 
 HIGH_WATER = 4 << 20
 READ_BUDGET = 8 << 20
 IOV_MAX = 512
+# A sealed full chunk, the one frame size worth recycling; and how many to keep.
+FULL_FRAME = FRAME_HEADER.size + CHUNK + TAG_SIZE
+SPARE_FRAMES = 8
 
 
 class ConnectionClosed(Exception):
@@ -37,13 +47,23 @@ class ConnectionClosed(Exception):
 class Channel:
     """A non-blocking framed socket. Not thread-safe: one owner thread uses it."""
 
-    def __init__(self, sock: socket.socket, sealer: Sealer, opener: Opener, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        sealer: Sealer,
+        opener: Opener,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        chunked: bool = False,
+    ) -> None:
         self.sock = sock
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._sealer = sealer
-        self._reader = FrameReader(opener, max_frame=max_frame)
+        self._reader = FrameReader(opener, max_frame=max_frame, chunked=chunked)
+        # Sealed frames are the sealer's own buffers, referenced by nothing but this queue:
+        # once written, full-size ones go back to it (AES-GCM only; the others seal in place).
+        self._spare: list[bytearray] | None = sealer.spare if isinstance(sealer, AeadSealer) else None
         self._pieces: deque[Iterator[Buffer]] = deque()
-        self._wire: deque[memoryview] = deque()
+        self._wire: deque[Buffer] = deque()
         self._wire_bytes = 0
         self._unsealed = 0
 
@@ -83,12 +103,19 @@ class Channel:
                 break
         return out
 
-    def send(self, kind: int, body: Buffer = b"", buffers: Sequence[Buffer] = ()) -> None:
+    def send(self, kind: int, body: Buffer = b"", buffers: Sequence[AnyBuffer] = ()) -> None:
         """Queue one message; it is sealed and written by :meth:`flush`."""
+        if not buffers and not self._pieces:
+            # A message of one frame is sealed at once (it is small: bodies ride in buffers
+            # when they are large), saving the generator of the general path.
+            for buf in self._sealer.frame(HEAD.pack(kind, 0) + body):
+                self._wire.append(buf)
+                self._wire_bytes += len(buf)
+            return
         self._pieces.append(message_pieces(kind, body, buffers))
         size = HEAD.size + len(body)
         for buffer in buffers:
-            size += SIZE.size + memoryview(buffer).nbytes
+            size += SIZE.size + buffer_nbytes(buffer)
         self._unsealed += size
 
     @property
@@ -115,42 +142,65 @@ class Channel:
                 continue
             self._unsealed -= memoryview(piece).nbytes
             for buf in self._sealer.frame(piece):
-                view = memoryview(buf).cast("B") if not isinstance(buf, (bytes, bytearray)) else memoryview(buf)
-                if view.nbytes:
+                # Every queued buffer must have len() == its size in bytes.
+                view = buf if isinstance(buf, (bytes, bytearray)) else memoryview(buf).cast("B")
+                if len(view):
                     self._wire.append(view)
-                    self._wire_bytes += view.nbytes
+                    self._wire_bytes += len(view)
 
     def flush(self) -> bool:
         """Write as much as the socket takes; return True when nothing is left queued.
 
         Raises ConnectionClosed if the peer is gone.
         """
+        wire = self._wire
         while True:
-            self._seal_more()
-            if not self._wire:
+            if self._pieces:
+                self._seal_more()
+            if not wire:
                 return True
-            batch = [self._wire[i] for i in range(min(len(self._wire), IOV_MAX))]
+            if self._tls:  # TLS sockets have no sendmsg: one buffer at a time.
+                batch: Sequence[Buffer] = [wire[0]]
+                size = len(wire[0])
+            elif len(wire) <= IOV_MAX:
+                batch, size = wire, self._wire_bytes
+            else:
+                batch = list(islice(wire, IOV_MAX))
+                size = sum(len(v) for v in batch)
             try:
-                # TLS sockets have no sendmsg: one buffer at a time.
                 sent = self.sock.send(batch[0]) if self._tls else self.sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 return False
             except OSError as exc:
                 raise ConnectionClosed(str(exc)) from exc
+            if sent == self._wire_bytes:
+                if self._spare is not None and sent >= FULL_FRAME:
+                    for buf in wire:
+                        self._recycle(buf)
+                wire.clear()
+                self._wire_bytes = 0
+                continue
             self._consume(sent)
-            if self._wire and sent < sum(v.nbytes for v in batch):
+            if sent < size:
                 return False
 
     def _consume(self, sent: int) -> None:
         self._wire_bytes -= sent
         while sent:
             head = self._wire[0]
-            if sent >= head.nbytes:
-                sent -= head.nbytes
+            if sent >= len(head):
+                sent -= len(head)
                 self._wire.popleft()
+                if self._spare is not None:
+                    self._recycle(head)
             else:
-                self._wire[0] = head[sent:]
+                self._wire[0] = memoryview(head)[sent:]
                 sent = 0
+
+    def _recycle(self, buf: Buffer) -> None:
+        spare = self._spare
+        if spare is not None and len(spare) < SPARE_FRAMES and type(buf) is bytearray and len(buf) == FULL_FRAME:
+            spare.append(buf)
 
     def close(self) -> None:
         """Close the socket; queued data is dropped."""
@@ -202,20 +252,26 @@ class BlockingChannel:
         """True if a complete message is already buffered."""
         return bool(self._ready)
 
-    def send(self, kind: int, body: Buffer = b"", buffers: Sequence[Buffer] = ()) -> None:
+    def send(self, kind: int, body: Buffer = b"", buffers: Sequence[AnyBuffer] = ()) -> None:
         """Write one message, blocking until it is all written (one syscall when small)."""
+        if not buffers:
+            frame = self._sealer.frame(HEAD.pack(kind, 0) + body)
+            sent = self.sock.sendmsg(frame)
+            if sent < sum(len(buf) for buf in frame):  # a partial write: the rest, blocking
+                send_all(self.sock, [memoryview(buf).cast("B") for buf in frame], skip=sent)
+            return
         views: list[memoryview] = []
         for piece in message_pieces(kind, body, buffers):
             views.extend(memoryview(buf).cast("B") for buf in self._sealer.frame(piece))
         send_all(self.sock, views)
 
 
-def send_all(sock: socket.socket, views: list[memoryview]) -> None:
-    """Write every buffer with scatter-gather sends, blocking until done."""
+def send_all(sock: socket.socket, views: list[memoryview], skip: int = 0) -> None:
+    """Write every buffer with scatter-gather sends, blocking until done; the first ``skip``
+    bytes are taken as already written."""
     pending = deque(v for v in views if v.nbytes)
-    while pending:
-        batch = [pending[i] for i in range(min(len(pending), IOV_MAX))]
-        sent = sock.sendmsg(batch)
+    sent = skip
+    while True:
         while sent:
             head = pending[0]
             if sent >= head.nbytes:
@@ -224,3 +280,6 @@ def send_all(sock: socket.socket, views: list[memoryview]) -> None:
             else:
                 pending[0] = head[sent:]
                 sent = 0
+        if not pending:
+            return
+        sent = sock.sendmsg([pending[i] for i in range(min(len(pending), IOV_MAX))])

@@ -19,8 +19,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
-from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, PENDING
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import PENDING
 from typing import Any
 
 from clusterexec.connection import LinkState, NodeLink
@@ -104,6 +104,9 @@ class Scheduler:
         self.first_outcome: list[tuple[bool, ClusterError | None]] = []
         self._thread = threading.Thread(target=self._run, name="clusterexec-io", daemon=True)
         self._io_ident = 0
+        # The timers (deadlines, heartbeats, reconnects, the reconnect window) are scanned when
+        # the earliest is due, or at once after a link leaves READY: not on every wake-up.
+        self._timers_due = 0.0
 
     # ------------------------------------------------------------------ user threads
 
@@ -210,25 +213,31 @@ class Scheduler:
             self._finish()
 
     def _loop(self) -> None:
+        first_round = self.first_round
         while True:
             now = time.monotonic()
-            self._note_first_round()
-            timeout = self._timers(now)
-            for key, events in self._selector.select(timeout):
+            if now >= self._timers_due:
+                self._timers_due = now + self._timers(now)
+                self._note_first_round()
+                if self._all_lost_for(self.reconnect_window, now) and (self._tasks or self._stop):
+                    self._break(BrokenCluster(self._lost_summary()))
+                    if self._stop:
+                        return
+            for key, events in self._selector.select(max(0.0, self._timers_due - now)):
                 if key.data is None:
                     self._on_wake()
                 else:
                     self._on_link_event(key.data, events)
-            self._take_requests()
+            if self._new or self._requests:
+                self._take_requests()
+                if self._stop or any(link.state is not LinkState.READY for link in self.links):
+                    self._timers_due = 0.0
             self._dispatch()
             self._flush()
-            self._note_first_round()
+            if not first_round.is_set():
+                self._note_first_round()
             if self._stop and not self._outstanding():
                 return
-            if self._all_lost_for(self.reconnect_window, time.monotonic()) and (self._tasks or self._stop):
-                self._break(BrokenCluster(self._lost_summary()))
-                if self._stop:
-                    return
 
     def _note_first_round(self) -> None:
         """Once every node has been tried, record the outcome for the constructor, then wake it."""
@@ -348,8 +357,10 @@ class Scheduler:
                 self._on_messages(link, messages)
             except (ProtocolError, ValueError, KeyError) as exc:
                 link.lose(ClusterError(f"node {link.name} sent a malformed message ({exc})"))
-        if link.state is LinkState.LOST and link.inflight:
-            self._requeue_lost(link)
+        if link.state is not LinkState.READY:
+            self._timers_due = 0.0
+            if link.state is LinkState.LOST and link.inflight:
+                self._requeue_lost(link)
         self._sync(link)
 
     # ------------------------------------------------------------------ messages
@@ -421,13 +432,13 @@ class Scheduler:
             task.link.tasks_failed += 1
         self._drop(task)
         future = task.future
-        with future._condition:
-            if future._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
-                return
-        if exception is not None:
-            future.set_exception(exception)
-        else:
-            future.set_result(value)
+        try:
+            if exception is not None:
+                future.set_exception(exception)
+            else:
+                future.set_result(value)
+        except InvalidStateError:  # cancelled by a user thread meanwhile
+            pass
 
     def _drop(self, task: Task) -> None:
         """Forget a task: no reference to its function, arguments or result remains here."""
@@ -486,6 +497,9 @@ class Scheduler:
 
     def _dispatch(self) -> None:
         """Fill every ready link: first one task per free worker, round robin, then prefetch."""
+        queue = self._queue
+        if not queue and not any(link.pinned for link in self.links):
+            return
         ready = [link for link in self.links if link.state is LinkState.READY]
         if not ready:
             return
@@ -559,8 +573,10 @@ class Scheduler:
             channel = link.channel
             if channel is not None and channel.wants_write:
                 link.on_event(selectors.EVENT_WRITE, time.monotonic())
-                if link.state is LinkState.LOST and link.inflight:
-                    self._requeue_lost(link)
+                if link.state is not LinkState.READY:
+                    self._timers_due = 0.0
+                    if link.state is LinkState.LOST and link.inflight:
+                        self._requeue_lost(link)
                 self._sync(link)
 
     # ------------------------------------------------------------------ faults

@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from clusterexec.channel import Channel
@@ -44,7 +45,9 @@ from clusterexec.protocol import (
     TASK_HEAD,
     TASK_ID,
     WELCOME,
+    AnyBuffer,
     Buffer,
+    ChunkedBuffer,
     Message,
     PlainOpener,
     PlainSealer,
@@ -136,8 +139,8 @@ class Session:
 
     # ------------------------------------------------------------------ client side
 
-    def _to_client(self, kind: int, body: Buffer = b"", buffers: list[Buffer] | None = None) -> None:
-        self.channel.send(kind, body, buffers or ())
+    def _to_client(self, kind: int, body: Buffer = b"", buffers: Sequence[AnyBuffer] = ()) -> None:
+        self.channel.send(kind, body, buffers)
         self.node.want_write(self.channel)
 
     def on_client_messages(self, messages: list[Message]) -> None:
@@ -187,12 +190,15 @@ class Session:
         self.heartbeat_interval = float(interval) if isinstance(interval, (int, float)) else 1.0
         self.forward_output = request.get("output") is True
         if message.buffers:
-            self.init = Message(INIT, message.buffers[0], list(message.buffers[1:]))
+            first = message.buffers[0]
+            body = first.tobytes() if isinstance(first, ChunkedBuffer) else memoryview(first)
+            self.init = Message(INIT, body, list(message.buffers[1:]))
         for _ in range(self.worker_count):
             self._spawn()
         self.state = SessionState.ACTIVE
         self._to_client(WELCOME, pack_json({"workers": self.worker_count, **self.node.describe()}))
         self.next_heartbeat = time.monotonic() + self.heartbeat_interval
+        self.node.timer_at(self.next_heartbeat)
         log.info("session from %s started with %d workers", self.peer, self.worker_count)
 
     def _cancel(self, ids: list[int]) -> None:
@@ -226,7 +232,7 @@ class Session:
 
     def dispatch(self) -> None:
         """Give queued tasks to free workers; short tasks are pipelined two deep."""
-        if self.state is not SessionState.ACTIVE:
+        if not self.queue or self.state is not SessionState.ACTIVE:
             return
         for worker in self.workers:
             if not self.queue:
@@ -241,6 +247,7 @@ class Session:
                     self._give(worker, self.queue.popleft())
         if self.started and not self.started_due:
             self.started_due = time.monotonic() + STARTED_DELAY
+            self.node.timer_at(self.started_due)
 
     def _give(self, worker: WorkerProcess, message: Message) -> None:
         task_id, digest, _ = TASK_HEAD.unpack_from(message.body, 0)
@@ -268,7 +275,8 @@ class Session:
         for _, w in pipes:
             os.close(w)
         parent.setblocking(False)
-        worker = WorkerProcess(pid, Channel(parent, PlainSealer(), PlainOpener()), output=[r for r, _ in pipes])
+        channel = Channel(parent, PlainSealer(), PlainOpener(), chunked=True)
+        worker = WorkerProcess(pid, channel, output=[r for r, _ in pipes])
         self.workers.append(worker)
         self.node.watch_worker(self, worker)
         if self.init is not None:
@@ -306,7 +314,10 @@ class Session:
         if not worker.outstanding or worker.outstanding[0][0] != task_id:
             raise ProtocolError(f"worker {worker.pid} answered for task {task_id} out of turn")
         worker.outstanding.popleft()
-        self.started.pop(task_id, None)
+        started = self.started
+        started.pop(task_id, None)
+        if not started:
+            self.started_due = 0.0  # nothing left to report: no timer wake-up for it
         now = time.monotonic()
         worker.short = now - worker.busy_since < SHORT_TASK
         worker.busy_since = now
@@ -459,4 +470,8 @@ class NodeHost:
 
     def want_write(self, channel: Channel) -> None:
         """Note that a channel has output to flush."""
+        raise NotImplementedError
+
+    def timer_at(self, when: float) -> None:
+        """Make sure :meth:`Session.tick` is called by ``when`` (a time.monotonic() value)."""
         raise NotImplementedError

@@ -63,9 +63,19 @@ def cli(
 
 def free_port() -> int:
     """A port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports nothing listens on: all bound at once, so none repeats."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 class NodeLog:
@@ -217,7 +227,7 @@ def test_status_of_50_nodes_some_down_or_silent_takes_about_one_timeout(
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
         silent.append(sock)
-    refused = [f"127.0.0.1:{free_port()}" for _ in range(38)]
+    refused = [f"127.0.0.1:{port}" for port in free_ports(38)]
     quiet = [f"127.0.0.1:{s.getsockname()[1]}" for s in silent]
     names = [n.address for n in nodes] + quiet + refused
     try:
