@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from clusterexec._version import __version__
 from clusterexec.errors import (
     AuthenticationError,
-    BrokenCluster,
     ClusterError,
     ConfigurationError,
     KeyFileError,
@@ -21,13 +20,13 @@ from clusterexec.errors import (
     ProtocolError,
     RemoteError,
     VersionMismatchError,
-    WorkerCrashedError,
 )
 
 # A library adds no handlers of its own: the application decides where our log lines go.
 _logging.getLogger("clusterexec").addHandler(_logging.NullHandler())
 
 if TYPE_CHECKING:
+    from clusterexec.errors import BrokenCluster, WorkerCrashedError
     from clusterexec.executor import ClusterExecutor
 
 
@@ -36,6 +35,10 @@ def __getattr__(name: str) -> Any:
         from clusterexec.executor import ClusterExecutor
 
         return ClusterExecutor
+    if name in ("BrokenCluster", "WorkerCrashedError"):
+        from clusterexec import errors
+
+        return getattr(errors, name)
     raise AttributeError(f"module 'clusterexec' has no attribute {name!r}")
 
 

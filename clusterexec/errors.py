@@ -7,7 +7,7 @@ from ``concurrent.futures.process.BrokenProcessPool`` so that code written to ca
 
 from __future__ import annotations
 
-from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Any
 
 
 class ClusterError(Exception):
@@ -42,15 +42,43 @@ class NodeLostError(ClusterError):
     """A task's node was lost (connection closed or heartbeats stopped) too many times."""
 
 
-class BrokenCluster(ClusterError, BrokenProcessPool):
-    """The executor can no longer run tasks: every node is gone, or an initializer failed."""
+def _broken_pool_errors() -> tuple[type, type]:
+    # concurrent.futures.process pulls in multiprocessing: a fifth of a node's start-up. The
+    # node never raises these two, so they are made on first use (module __getattr__ below).
+    from concurrent.futures.process import BrokenProcessPool
+
+    class BrokenCluster(ClusterError, BrokenProcessPool):
+        """The executor can no longer run tasks: every node is gone, or an initializer failed."""
+
+    class WorkerCrashedError(ClusterError, BrokenProcessPool):
+        """The worker process running a task died (signal, ``os._exit``, out of memory).
+
+        Only that task fails; the node starts a replacement worker and the executor goes on.
+        """
+
+    for cls in (BrokenCluster, WorkerCrashedError):
+        cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
+    return BrokenCluster, WorkerCrashedError
 
 
-class WorkerCrashedError(ClusterError, BrokenProcessPool):
-    """The worker process running a task died (signal, ``os._exit``, out of memory).
+if TYPE_CHECKING:
+    from concurrent.futures.process import BrokenProcessPool
 
-    Only that task fails; the node starts a replacement worker and the executor goes on.
-    """
+    class BrokenCluster(ClusterError, BrokenProcessPool):
+        """The executor can no longer run tasks: every node is gone, or an initializer failed."""
+
+    class WorkerCrashedError(ClusterError, BrokenProcessPool):
+        """The worker process running a task died (signal, ``os._exit``, out of memory)."""
+
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name in ("BrokenCluster", "WorkerCrashedError"):
+            broken, crashed = _broken_pool_errors()
+            globals().update(BrokenCluster=broken, WorkerCrashedError=crashed)
+            return globals()[name]
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RemoteError(ClusterError):

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import importlib.util
 import ipaddress
 import logging
 import os
-import platform
+import re
 import selectors
 import signal
 import socket
@@ -25,8 +26,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import cloudpickle
 
 from clusterexec import worker
 from clusterexec._version import __version__
@@ -137,11 +136,11 @@ class Node(NodeHost):
     def describe(self) -> dict[str, object]:
         """Facts about this node, sent to clients."""
         return {
-            "host": platform.node(),
+            "host": socket.gethostname(),
             "pid": os.getpid(),
-            "python": platform.python_version(),
+            "python": sys.version.split()[0],
             "clusterexec": __version__,
-            "cloudpickle": cloudpickle.__version__,
+            "cloudpickle": installed_version("cloudpickle"),
             "started": self.started,
         }
 
@@ -645,6 +644,23 @@ def _libc_call(name: str, *args: int) -> None:
         getattr(ctypes.CDLL(None), name)(*args)
     except (OSError, AttributeError):
         pass
+
+
+def installed_version(name: str) -> str:
+    """The version of an installed package, read without importing it when it is not loaded
+    yet (a node reports cloudpickle's version but only its workers may ever need the module)."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return str(getattr(module, "__version__", "unknown"))
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return "not installed"
+    try:
+        with open(spec.origin, encoding="utf-8") as source:
+            found = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", source.read(), re.MULTILINE)
+    except OSError:
+        found = None
+    return found.group(1) if found else "unknown"
 
 
 def _die_with_parent() -> None:

@@ -14,15 +14,17 @@ import pickle
 import sys
 import traceback
 from collections.abc import Callable
-from concurrent.futures.process import _RemoteTraceback
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cloudpickle
-import tblib
+from clusterexec.errors import RemoteError
+from clusterexec.shipping import ModuleCatalog, ModuleSource
 
-from clusterexec.errors import RemoteError, WorkerCrashedError
-from clusterexec.shipping import ModuleCatalog, ModuleSource, ShippingPickler, needed_sources
+if TYPE_CHECKING:
+    from clusterexec.errors import WorkerCrashedError
+
+# cloudpickle, tblib and concurrent.futures.process are imported where first needed: a worker
+# whose tasks take and return plain values, and a node, never pay for them.
 
 PROTOCOL = 5
 OUT_OF_BAND_MIN = 64 * 1024
@@ -75,6 +77,8 @@ def dumps(obj: object, catalog: ModuleCatalog | None = None) -> Payload:
             return True
         buffers.append(buffer)
         return False
+
+    from clusterexec.pickler import ShippingPickler, needed_sources
 
     catalog = catalog or _NO_SHIPPING
     out = io.BytesIO()
@@ -147,6 +151,9 @@ def _safe_str(exc: BaseException) -> str:
 
 def capture_exception(exc: BaseException) -> RemoteFailure:
     """Package an exception raised by a task, with its traceback, for the client."""
+    import cloudpickle
+    import tblib
+
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         tb: dict[str, Any] | None = tblib.Traceback(exc.__traceback__).to_dict() if exc.__traceback__ else None
@@ -191,6 +198,10 @@ def rebuild_exception(failure: RemoteFailure, where: str) -> BaseException:
     remote text as ``__cause__``, as ProcessPoolExecutor does; on Python 3.11+ a note names
     ``where`` (the node and the task). Falls back to :class:`RemoteError`.
     """
+    from concurrent.futures.process import _RemoteTraceback
+
+    import tblib
+
     exc: BaseException | None = None
     if failure.exception is not None:
         try:
@@ -259,6 +270,8 @@ def crash_error(task_id: int, node: str, info: dict[str, Any]) -> WorkerCrashedE
     hint = ""
     if "SIGKILL" in str(status):
         hint = " (killed by SIGKILL: likely out of memory, the kernel's OOM killer sends SIGKILL)"
+    from clusterexec.errors import WorkerCrashedError
+
     return WorkerCrashedError(
         f"task {task_id} on node {node}: its worker process (pid {info.get('pid')}) died, {status}{hint}{memory}. "
         "Only this task failed; the node started a replacement worker."

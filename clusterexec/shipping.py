@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
-import io
 import linecache
 import os
 import pickle
@@ -29,9 +27,7 @@ import sysconfig
 import types
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import cloudpickle
+from typing import TYPE_CHECKING, Any
 
 from clusterexec.errors import ConfigurationError
 
@@ -295,7 +291,7 @@ def resolve_main(qualname: str) -> Any:
     return obj
 
 
-def _is_main_toplevel(obj: Any) -> str | None:
+def main_toplevel_qualname(obj: Any) -> str | None:
     if getattr(obj, "__module__", None) != "__main__":
         return None
     qualname = getattr(obj, "__qualname__", "")
@@ -305,63 +301,6 @@ def _is_main_toplevel(obj: Any) -> str | None:
     for part in qualname.split("."):
         target = getattr(target, part, None)
     return qualname if target is obj else None
-
-
-class ShippingPickler(cloudpickle.Pickler):
-    """A cloudpickle Pickler that notes the user modules a pickle needs.
-
-    After ``dump``: ``modules`` holds the user modules referred to, ``uses_main`` whether the
-    main script is needed on the worker, ``by_value`` whether any code was pickled as bytecode
-    (which only a worker on the same Python minor version can load).
-    """
-
-    def __init__(self, file: io.BytesIO, catalog: ModuleCatalog, **kwargs: Any) -> None:
-        super().__init__(file, protocol=5, **kwargs)
-        self.catalog = catalog
-        self.modules: dict[str, types.ModuleType] = {}
-        self.uses_main = False
-        self.by_value = False
-
-    def _note(self, name: object) -> None:
-        if not isinstance(name, str) or name in self.modules:
-            return
-        module = sys.modules.get(name)
-        if module is not None and is_user_module(module):
-            self.modules[name] = module
-
-    def reducer_override(self, obj: Any) -> Any:
-        """Send main-script objects by name; note user modules; flag code sent as bytecode."""
-        if isinstance(obj, (types.FunctionType, type)):
-            if self.catalog.auto:
-                qualname = _is_main_toplevel(obj)
-                if qualname is not None and self.catalog.by_name_in_main(qualname):
-                    self.uses_main = True
-                    return resolve_main, (qualname,)
-                self._note(getattr(obj, "__module__", None))
-            result = super().reducer_override(obj)
-            if result is not NotImplemented and isinstance(obj, types.FunctionType):
-                # Only functions carry bytecode (a class by value is rebuilt from its functions,
-                # which come through here too); builtin types go by name.
-                self.by_value = True
-            return result
-        if isinstance(obj, types.ModuleType) and self.catalog.auto:
-            self._note(obj.__name__)
-        return super().reducer_override(obj)
-
-
-def needed_sources(catalog: ModuleCatalog, pickler: ShippingPickler) -> tuple[ModuleSource, ...]:
-    """The module sources a pickle made by ``pickler`` needs on the worker, in import order."""
-    out: list[ModuleSource] = []
-    if pickler.uses_main:
-        main = catalog.main_source()
-        if main is not None:
-            out.extend(s for s in catalog.main_dependencies() if s not in out)
-            out.append(main)
-    for module in pickler.modules.values():
-        for source in catalog.sources_of(module):
-            if source not in out:
-                out.append(source)
-    return tuple(out)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -374,7 +313,19 @@ def encode_sources(sources: Iterable[ModuleSource]) -> tuple[bytes, list[bytes]]
     return pickle.dumps(table, 5), [s.source for s in items]
 
 
-class ShippedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+if TYPE_CHECKING:
+    from importlib.abc import Loader, MetaPathFinder
+
+    class _FinderBase(MetaPathFinder, Loader):
+        """What the import system sees (for the type checker)."""
+
+else:
+    # The import protocol is duck-typed; importlib.abc would pull in importlib.resources,
+    # tempfile and shutil at every node start.
+    _FinderBase = object
+
+
+class ShippedModules(_FinderBase):
     """A meta-path finder serving the modules shipped by the client, first on ``sys.meta_path``."""
 
     def __init__(self) -> None:
