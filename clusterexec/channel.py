@@ -29,6 +29,7 @@ from clusterexec.protocol import (
     Opener,
     Sealer,
     buffer_nbytes,
+    message_head,
     message_pieces,
 )
 
@@ -108,7 +109,7 @@ class Channel:
         if not buffers and not self._pieces:
             # A message of one frame is sealed at once (it is small: bodies ride in buffers
             # when they are large), saving the generator of the general path.
-            for buf in self._sealer.frame(HEAD.pack(kind, 0) + body):
+            for buf in self._sealer.frame(message_head(kind, body)):
                 self._wire.append(buf)
                 self._wire_bytes += len(buf)
             return
@@ -255,7 +256,7 @@ class BlockingChannel:
     def send(self, kind: int, body: Buffer = b"", buffers: Sequence[AnyBuffer] = ()) -> None:
         """Write one message, blocking until it is all written (one syscall when small)."""
         if not buffers:
-            frame = self._sealer.frame(HEAD.pack(kind, 0) + body)
+            frame = self._sealer.frame(message_head(kind, body))
             sent = self.sock.sendmsg(frame)
             if sent < sum(len(buf) for buf in frame):  # a partial write: the rest, blocking
                 send_all(self.sock, [memoryview(buf).cast("B") for buf in frame], skip=sent)

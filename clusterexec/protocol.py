@@ -303,16 +303,6 @@ class FrameReader:
                 header = bytes(view[start : start + hsize])
                 body = view[start + hsize : start + total]
                 self._start = start + total
-                if self._assembly is None:
-                    # The common case, a message of one frame, is decoded here in one go.
-                    plain = self._opener.open(header, body)
-                    if len(plain) >= HEAD.size and plain[1] == 0 and plain[2] == 0:
-                        out.append(Message(plain[0], memoryview(plain)[HEAD.size :], []))
-                        continue
-                    message = self._on_head(plain)
-                    if message is not None:
-                        out.append(message)
-                    continue
                 self._on_frame(header, body, out)
                 continue
             if total > len(self._buf):
@@ -371,6 +361,9 @@ class FrameReader:
             out.append(assembly.message)
 
     def _on_head(self, plain: bytearray) -> Message | None:
+        if len(plain) >= HEAD.size and plain[1] == 0 and plain[2] == 0:
+            # The common case, a message of one frame (no buffers), is decoded in one go.
+            return Message(plain[0], memoryview(plain)[HEAD.size :], [])
         if len(plain) < HEAD.size:
             raise ProtocolError(f"message head of {len(plain)} bytes is too short")
         kind, nbuf = HEAD.unpack_from(plain, 0)
