@@ -377,16 +377,24 @@ def measure_cpu(ex: Any, _round: int, p: dict[str, Any]) -> tuple[float, dict[st
     in_task = [f.result(RESULT_TIMEOUT) for f in futures]
     wall = time.perf_counter() - started
     efficiency = n * p["cpu_single_s"] / (WORKERS * wall)
-    return efficiency, {"wall_s": wall, "mean_in_task_s": statistics.fmean(in_task)}
+    busy = sum(took for took, _cpu in in_task)
+    return efficiency, {
+        "wall_s": wall,
+        "mean_in_task_s": busy / n,
+        "mean_in_task_cpu_s": statistics.fmean(cpu for _took, cpu in in_task),
+        # The share of the workers' time not spent inside a task: dispatch, results, imbalance.
+        # This is the executor's own cost; a slow in-task time is the machine's.
+        "idle_share": 1 - busy / (WORKERS * wall),
+    }
 
 
 def calibrate_cpu(seconds: float) -> tuple[int, float]:
     """Iterations of ``spin`` taking about ``seconds`` here, and the median time of 3 runs of it."""
     iterations = 100_000
-    while (took := timed_spin(iterations)) < 0.05:
+    while (took := timed_spin(iterations)[0]) < 0.05:
         iterations *= 2
     iterations = max(1, int(iterations * seconds / took))
-    return iterations, statistics.median(timed_spin(iterations) for _ in range(3))
+    return iterations, statistics.median(timed_spin(iterations)[0] for _ in range(3))
 
 
 def workloads(p: dict[str, Any]) -> dict[str, Workload]:
@@ -832,6 +840,17 @@ def print_table(report: dict[str, Any], selected: list[Workload]) -> None:
             f"cpu: efficiency = {p['cpu_tasks']} x single-task time ({p['cpu_single_s']:.3f} s, measured in this "
             f"process) / ({WORKERS} x wall time)"
         )
+        parts = []
+        for name, figure in report["workloads"]["cpu"]["results"].items():
+            extras = figure["extra"]
+            if extras:
+                parts.append(
+                    f"{LABELS[name]} {statistics.median(e['idle_share'] for e in extras):.1%} idle, "
+                    f"{statistics.median(e['mean_in_task_s'] for e in extras):.3f} s in task"
+                )
+        if parts:
+            notes.append("cpu, medians: share of worker time outside any task (the executor's cost) and time "
+                         "per task (the machine's speed): " + "; ".join(parts))
     for note in notes:
         print("  - " + note)
     print(f"took {report['elapsed_s']:.0f} s; load average at the end {report['load_average']['end']}")
