@@ -384,7 +384,8 @@ def measure_cpu(ex: Any, _round: int, p: dict[str, Any]) -> tuple[float, dict[st
         "mean_in_task_s": busy / n,
         "mean_in_task_cpu_s": statistics.fmean(cpu for _took, cpu in in_task),
         # The share of the workers' time not spent inside a task: dispatch, results, imbalance.
-        # This is the executor's own cost; a slow in-task time is the machine's.
+        # This is the executor's own cost; a slow in-task time is the machine's or the worker
+        # process's (the loop's speed depends on the process's memory layout: docs/performance.md).
         "idle_share": 1 - busy / (WORKERS * wall),
     }
 
@@ -851,7 +852,7 @@ def print_table(report: dict[str, Any], selected: list[Workload]) -> None:
                 )
         if parts:
             notes.append("cpu, medians: share of worker time outside any task (the executor's cost) and time "
-                         "per task (the machine's speed): " + "; ".join(parts))
+                         "per task (the speed of the machine and of the worker processes): " + "; ".join(parts))
     for note in notes:
         print("  - " + note)
     print(f"took {report['elapsed_s']:.0f} s; load average at the end {report['load_average']['end']}")

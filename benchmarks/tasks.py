@@ -35,7 +35,8 @@ def spin(iterations: int) -> int:
 
 def timed_spin(iterations: int) -> tuple[float, float]:
     """Run :func:`spin`; return how long it took in this process, as wall time and as CPU time
-    (seconds). CPU time above wall time's share means the machine, not the executor, was slow."""
+    (seconds). Wall time above CPU time means the process waited for a CPU; CPU time above the
+    usual means the loop itself ran slower in this process (see docs/performance.md, cpu)."""
     started, cpu = time.perf_counter(), time.process_time()
     spin(iterations)
     return time.perf_counter() - started, time.process_time() - cpu
