@@ -422,7 +422,7 @@ def workloads(p: dict[str, Any]) -> dict[str, Workload]:
             ),
             Workload(
                 "cpu", f"{p['cpu_tasks']} CPU tasks of {p['cpu_seconds']:g} s, efficiency", "", "{:.3f}", True,
-                ">= 0.95x PPE", "ratio", ">=", 0.95, measure_cpu,
+                ">= 0.95x PPE", "ratio", ">=", 0.95,
             ),
             Workload(
                 "startup", "construct -> first result", "ms", "{:,.0f}", False,
@@ -438,22 +438,40 @@ def workloads(p: dict[str, Any]) -> dict[str, Workload]:
     }
 
 
-SUBPROCESS_WORKLOADS = ("startup", "rss")
+SUBPROCESS_WORKLOADS = ("cpu", "startup", "rss")
 
 
 # ---------------------------------------------------------------------------------- children
-# The startup and rss workloads run in fresh interpreters: ``run.py --child startup|rss``.
+# The cpu, startup and rss workloads run in fresh interpreters: ``run.py --child KIND``. For cpu
+# this is about the measurement: how fast a pure-Python loop runs in a process depends on that
+# process's memory layout (+-10% here between fresh interpreters, and within one as its heap
+# changes), so every round starts every executor afresh, each median is over that many draws,
+# and no executor keeps a lucky or unlucky layout for a whole run (docs/performance.md, cpu).
 
 
 def child_main(args: argparse.Namespace) -> int:
     """Run one measurement in this fresh process and print it as one JSON line."""
     node = NodeInfo(args.node, args.key_file) if args.node else None
-    if args.child == "startup":
+    if args.child == "cpu":
+        result = child_cpu(args.executor, node, args.iterations, args.single, args.tasks)
+    elif args.child == "startup":
         result = child_startup(args.executor, node)
     else:
         result = child_rss(args.executor, node, args.items, args.buffersize, args.chunksize)
     print("RESULT " + json.dumps(result), flush=True)
     return 0
+
+
+def child_cpu(name: str, node: NodeInfo | None, iterations: int, single: float, tasks: int) -> dict[str, Any]:
+    handle = open_executor(name, node)
+    try:
+        _warm_up(handle.ex)
+        efficiency, extra = measure_cpu(
+            handle.ex, 0, {"cpu_tasks": tasks, "cpu_iterations": iterations, "cpu_single_s": single}
+        )
+    finally:
+        handle.close()
+    return {"efficiency": efficiency, **extra}
 
 
 def child_startup(name: str, node: NodeInfo | None) -> dict[str, Any]:
@@ -541,6 +559,9 @@ def run_child(kind: str, name: str, node: NodeInfo | None, p: dict[str, Any]) ->
     command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--executor", name]
     if node is not None:
         command += ["--node", node.address, "--key-file", node.key_file]
+    if kind == "cpu":
+        command += ["--iterations", str(p["cpu_iterations"]), "--single", repr(p["cpu_single_s"])]
+        command += ["--tasks", str(p["cpu_tasks"])]
     if kind == "rss":
         command += ["--items", str(p["rss_items"]), "--buffersize", str(p["rss_buffersize"])]
         command += ["--chunksize", str(p["rss_chunksize"])]
@@ -676,7 +697,7 @@ def _warm_up(ex: Any) -> None:
 
 
 def run_subprocess(w: Workload, names: list[str], node: NodeInfo | None, p: dict[str, Any], results: Results) -> None:
-    """The startup and rss workloads: one fresh interpreter per measurement."""
+    """The cpu, startup and rss workloads: one fresh interpreter per measurement."""
     progress(f"{w.name}: {w.title}")
     live = list(names)
     if w.name == "rss":
@@ -689,7 +710,7 @@ def run_subprocess(w: Workload, names: list[str], node: NodeInfo | None, p: dict
             if reason:
                 results.note(w.name, name, reason)
                 live.remove(name)
-    runs = p["runs"] if w.name == "startup" else 1
+    runs = {"cpu": p.get("cpu_runs", p["runs"]), "startup": p["runs"]}.get(w.name, 1)
     failed: set[str] = set()
     for order in rotations(live, runs):
         for name in order:
@@ -702,7 +723,7 @@ def run_subprocess(w: Workload, names: list[str], node: NodeInfo | None, p: dict
                 results.fail(w.name, name, exc)
                 continue
             child["process_wall_ms"] = wall * 1e3
-            value = child["first_result_ms"] if w.name == "startup" else child["growth_mb"]
+            value = child[{"cpu": "efficiency", "startup": "first_result_ms"}.get(w.name, "growth_mb")]
             results.add(w.name, name, value, child)
             progress(f"  {LABELS[name]:<20} {w.fmt.format(value)} {w.unit}")
 
@@ -919,7 +940,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rss-chunksize", type=int, default=None, help="chunksize of the rss workload (default 10)")
     parser.add_argument("--cprofile", metavar="DIR", help="cProfile each clusterexec client I/O thread into DIR")
-    # Internal: one measurement in a fresh interpreter (startup and rss workloads).
+    # Internal: one measurement in a fresh interpreter (cpu, startup and rss workloads).
     parser.add_argument("--child", choices=SUBPROCESS_WORKLOADS, help=argparse.SUPPRESS)
     parser.add_argument("--executor", help=argparse.SUPPRESS)
     parser.add_argument("--node", help=argparse.SUPPRESS)
@@ -927,6 +948,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--items", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--buffersize", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--chunksize", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--iterations", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--single", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--tasks", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -1003,12 +1027,12 @@ def main(argv: list[str] | None = None) -> int:
                     results.fail(w.name, "node", exc)
         info = node.info if node is not None else None
         inprocess = [w for w in selected if w.measure is not None]
+        if any(w.name == "cpu" for w in selected):
+            p["cpu_iterations"], p["cpu_single_s"] = calibrate_cpu(p["cpu_seconds"])
+            progress(f"cpu: {p['cpu_iterations']:,} iterations take {p['cpu_single_s']:.3f} s here")
         if inprocess:
             if any(w.name == "array" for w in inprocess):
                 p["array"] = _array(p["array_mb"], seed=1)
-            if any(w.name == "cpu" for w in inprocess):
-                p["cpu_iterations"], p["cpu_single_s"] = calibrate_cpu(p["cpu_seconds"])
-                progress(f"cpu: {p['cpu_iterations']:,} iterations take {p['cpu_single_s']:.3f} s here")
             run_inprocess(inprocess, names, info, p, results)
             p.pop("array", None)
         for w in selected:
