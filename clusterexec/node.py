@@ -112,6 +112,8 @@ class Node(NodeHost):
         # iteration costs one epoll_wait, not a scan and a wait4.
         self._timers_due = 0.0
         self._reap_due = False
+        # The events of the select() being handled (None outside of it): see drain_output().
+        self._batch: list[tuple[selectors.SelectorKey, int]] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -217,9 +219,16 @@ class Node(NodeHost):
         worker.output[stream - 1] = -1
 
     def drain_output(self, session: Session, worker: WorkerProcess) -> None:
-        """Forward what a worker has printed so far (called before forwarding its result)."""
+        """Forward what a worker has printed so far (called before forwarding its result).
+
+        Inside an event batch only the pipes that are in the batch are read: a worker writes its
+        output before it sends its result, and a level-triggered epoll reports a pipe that has
+        data in every batch until it is drained, so a pipe missing from the batch that holds the
+        result is empty, and reading it would be a system call per result for nothing."""
+        batch = self._batch
+        ready = None if batch is None else {key.fd for key, _events in batch}
         for stream, fd in enumerate(worker.output, start=1):
-            if fd >= 0:
+            if fd >= 0 and (ready is None or fd in ready):
                 self._read_output(session, worker, stream, fd)
 
     def retire_worker(self, worker: WorkerProcess, kill: bool = False) -> None:
@@ -282,8 +291,10 @@ class Node(NodeHost):
             now = time.monotonic()
             if now >= self._timers_due:
                 self._timers_due = now + self._timers(now)
-            for key, events in self.selector.select(max(0.0, self._timers_due - now)):
+            self._batch = self.selector.select(max(0.0, self._timers_due - now))
+            for key, events in self._batch:
                 key.data(key.fd, events)
+            self._batch = None
             if self._reap_due:
                 self._reap_due = False
                 self._reap()
