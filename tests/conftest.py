@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,17 @@ import pytest
 
 READY = re.compile(r"clusterexec node listening on (\S+):(\d+) \((\d+) workers\)")
 TESTS = Path(__file__).resolve().parent
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> float:
+    """Poll ``predicate`` until it is true; return the seconds it took. Fails after ``timeout``."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.005)
+    return time.monotonic() - start
 
 
 @dataclass

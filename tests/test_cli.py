@@ -28,7 +28,7 @@ from pathlib import Path
 import helpers
 import psutil
 import pytest
-from conftest import TESTS, NodeProcess
+from conftest import TESTS, NodeProcess, wait_until
 
 from clusterexec import ClusterExecutor
 from clusterexec.cli import fold_nodes, format_duration
@@ -112,13 +112,6 @@ class NodeLog:
             except queue.Empty:
                 return self.lines
 
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture

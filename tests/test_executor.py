@@ -18,10 +18,9 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import traceback
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -36,7 +35,7 @@ from pathlib import Path
 import helpers
 import psutil
 import pytest
-from conftest import NodeProcess
+from conftest import NodeProcess, wait_until
 
 from clusterexec import (
     AuthenticationError,
@@ -52,14 +51,6 @@ TESTS = Path(__file__).resolve().parent
 
 # --------------------------------------------------------------------------- helpers
 
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
 
 
 def local_nodes() -> list[psutil.Process]:

@@ -32,7 +32,7 @@ import faulty
 import helpers
 import psutil
 import pytest
-from conftest import NodeProcess, start_node
+from conftest import NodeProcess, start_node, wait_until
 
 from clusterexec import (
     BrokenCluster,
@@ -47,16 +47,6 @@ TESTS = Path(__file__).resolve().parent
 
 # --------------------------------------------------------------------------- helpers
 
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> float:
-    """Poll ``predicate`` until it is true; return the seconds it took. Fails after ``timeout``."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
-    return time.monotonic() - start
 
 
 def children(node: NodeProcess) -> set[int]:

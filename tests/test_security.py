@@ -41,7 +41,7 @@ import cloudpickle
 import helpers
 import psutil
 import pytest
-from conftest import NodeProcess
+from conftest import NodeProcess, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from proxy import ProxiedConnection, Proxy, Tamper, flip_bit
@@ -97,14 +97,6 @@ RSS_SLACK = 48 * MiB
 
 # --------------------------------------------------------------------------- helpers
 
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 class NodeLog:
