@@ -457,7 +457,7 @@ class NodeHost:
         raise NotImplementedError
 
     def drain_output(self, session: Session, worker: WorkerProcess) -> None:
-        """Forward whatever a worker has printed so far."""
+        """Forward whatever a worker has printed so far (called before forwarding its result)."""
         raise NotImplementedError
 
     def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
