@@ -92,6 +92,9 @@ class Scheduler:
         self._requests: deque[tuple[str, Any]] = deque()
         self._queue: deque[Task] = deque()
         self._tasks: dict[int, Task] = {}
+        # Futures are completed at the end of a loop iteration, just before the thread blocks:
+        # a user thread woken by its result then finds the GIL free instead of waiting for it.
+        self._done: list[tuple[TaskFuture, object, BaseException | None]] = []
         self._selector = selectors.DefaultSelector()
         self._registered: dict[NodeLink, tuple[socket.socket, int]] = {}
         self._wake_r, self._wake_w = socket.socketpair()
@@ -234,6 +237,8 @@ class Scheduler:
                     self._timers_due = 0.0
             self._dispatch()
             self._flush()
+            if self._done:
+                self._complete()
             if not first_round.is_set():
                 self._note_first_round()
             if self._stop and not self._outstanding():
@@ -248,9 +253,9 @@ class Scheduler:
             self.first_round.set()
 
     def _on_wake(self) -> None:
+        # One read drains it: _wake writes a byte only while none is pending.
         try:
-            while self._wake_r.recv(4096):
-                pass
+            self._wake_r.recv(4096)
         except BlockingIOError:
             pass
         with self._wake_lock:
@@ -431,14 +436,18 @@ class Scheduler:
         if exception is not None and task.link is not None:
             task.link.tasks_failed += 1
         self._drop(task)
-        future = task.future
-        try:
-            if exception is not None:
-                future.set_exception(exception)
-            else:
-                future.set_result(value)
-        except InvalidStateError:  # cancelled by a user thread meanwhile
-            pass
+        self._done.append((task.future, value, exception))
+
+    def _complete(self) -> None:
+        done, self._done = self._done, []
+        for future, value, exception in done:
+            try:
+                if exception is not None:
+                    future.set_exception(exception)
+                else:
+                    future.set_result(value)
+            except InvalidStateError:  # cancelled by a user thread meanwhile
+                pass
 
     def _drop(self, task: Task) -> None:
         """Forget a task: no reference to its function, arguments or result remains here."""
@@ -655,6 +664,7 @@ class Scheduler:
         leftover = BrokenCluster("the executor was shut down before these tasks could run")
         for task in list(self._tasks.values()):
             self._fail(task, self.broken or leftover)
+        self._complete()
         for closer in self._closers:
             try:
                 closer()
