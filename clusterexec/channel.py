@@ -9,7 +9,7 @@ used by a worker process.
 from __future__ import annotations
 
 import socket
-import ssl
+import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from itertools import islice
@@ -57,7 +57,14 @@ class Channel:
         chunked: bool = False,
     ) -> None:
         self.sock = sock
-        self._tls = isinstance(sock, ssl.SSLSocket)
+        ssl = sys.modules.get("ssl")  # imported only where TLS is used: it costs startup time
+        self._tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
+        # What a non-blocking socket raises when it cannot go on now.
+        self._again: tuple[type[OSError], ...] = (
+            (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+            if ssl is not None and self._tls
+            else (BlockingIOError, InterruptedError)
+        )
         self._sealer = sealer
         self._reader = FrameReader(opener, max_frame=max_frame, chunked=chunked)
         # Sealed frames are the sealer's own buffers, referenced by nothing but this queue:
@@ -91,7 +98,7 @@ class Channel:
             target = self._reader.writable()
             try:
                 n = self.sock.recv_into(target)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            except self._again:
                 break
             except OSError as exc:
                 raise ConnectionClosed(str(exc)) from exc
@@ -170,7 +177,7 @@ class Channel:
                 size = sum(len(v) for v in batch)
             try:
                 sent = self.sock.send(batch[0]) if self._tls else self.sock.sendmsg(batch)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            except self._again:
                 return False
             except OSError as exc:
                 raise ConnectionClosed(str(exc)) from exc

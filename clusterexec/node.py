@@ -11,7 +11,6 @@ SIGINT reach the loop through a wakeup socket.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import importlib.util
 import ipaddress
@@ -21,11 +20,11 @@ import re
 import selectors
 import signal
 import socket
-import ssl
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from clusterexec import worker
 from clusterexec._version import __version__
@@ -41,6 +40,9 @@ from clusterexec.protocol import (
 )
 from clusterexec.service import print_systemd_unit
 from clusterexec.session import NodeHost, Session, SessionState, WorkerProcess, describe_status
+
+if TYPE_CHECKING:
+    import ssl  # imported at run time only when TLS is configured: it costs startup time
 
 log = logging.getLogger("clusterexec.node")
 
@@ -69,14 +71,14 @@ class NodeConfig:
 class Pending:
     """A connection still in its handshake."""
 
-    def __init__(self, sock: socket.socket, peer: str, handshake: ServerHandshake, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, peer: str, handshake: ServerHandshake, deadline: float, tls: bool) -> None:
         self.sock = sock
         self.peer = peer
         self.handshake = handshake
         self.deadline = deadline
         self.records = RecordReader(max_records=2)
         self.hello_done = False
-        self.tls_pending = isinstance(sock, ssl.SSLSocket)
+        self.tls_pending = tls
 
 
 def is_loopback(host: str) -> bool:
@@ -226,6 +228,8 @@ class Node(NodeHost):
         data in every batch until it is drained, so a pipe missing from the batch that holds the
         result is empty, and reading it would be a system call per result for nothing."""
         batch = self._batch
+        if batch is not None and len(batch) == 1:
+            return  # the one event is the worker's socket: no pipe of it has anything
         ready = None if batch is None else {key.fd for key, _events in batch}
         for stream, fd in enumerate(worker.output, start=1):
             if fd >= 0 and (ready is None or fd in ready):
@@ -277,7 +281,6 @@ class Node(NodeHost):
     def serve_forever(self, ready: Callable[[], None] | None = None) -> None:
         """Run until SIGTERM or SIGINT; then end every session and reap every worker."""
         signal.set_wakeup_fd(self._wake_w.fileno())
-        _tune_malloc(keep_freed=True)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -287,6 +290,7 @@ class Node(NodeHost):
             self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, self._on_stdin)
         if ready is not None:
             ready()
+        _tune_malloc(keep_freed=True)  # after the ready line: it imports ctypes
         while not self.stopping:
             now = time.monotonic()
             if now >= self._timers_due:
@@ -444,7 +448,8 @@ class Node(NodeHost):
             if self.config.tls is not None:
                 sock = self.config.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
             handshake = ServerHandshake(self.config.key or b"", {"workers": self.workers_per_session})
-            pending = Pending(sock, peer, handshake, time.monotonic() + self.config.handshake_timeout)
+            deadline = time.monotonic() + self.config.handshake_timeout
+            pending = Pending(sock, peer, handshake, deadline, tls=self.config.tls is not None)
             self.pending[sock.fileno()] = pending
             self.timer_at(pending.deadline)
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if pending.tls_pending else 0)
@@ -459,6 +464,8 @@ class Node(NodeHost):
         pending = self.pending[fd]
         try:
             if pending.tls_pending:
+                import ssl
+
                 try:
                     pending.sock.do_handshake()  # type: ignore[attr-defined]
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -490,12 +497,16 @@ class Node(NodeHost):
         except AuthenticationError as exc:
             log.warning("authentication failed for %s: %s", pending.peer, exc)
             self._drop_pending(fd)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return
-        except ssl.SSLError as exc:
-            log.warning("TLS handshake with %s failed: %s", pending.peer, exc.reason or exc)
+        except OSError as exc:
+            tls = sys.modules.get("ssl")  # a TLS socket exists only if ssl was imported
+            if tls is not None and isinstance(exc, (tls.SSLWantReadError, tls.SSLWantWriteError)):
+                return
+            if tls is not None and isinstance(exc, tls.SSLError):
+                log.warning("TLS handshake with %s failed: %s", pending.peer, exc.reason or exc)
+            else:
+                log.warning("handshake with %s failed: %s", pending.peer, exc)
             self._drop_pending(fd)
-        except (ProtocolError, ConnectionClosed, OSError) as exc:
+        except (ProtocolError, ConnectionClosed) as exc:
             log.warning("handshake with %s failed: %s", pending.peer, exc)
             self._drop_pending(fd)
         except Exception as exc:  # whatever a stranger sends, the node stays up
@@ -651,6 +662,8 @@ def _libc_call(name: str, *args: int) -> None:
     """Call a glibc function on Linux; do nothing where it does not exist."""
     if not sys.platform.startswith("linux"):
         return
+    import ctypes
+
     try:
         getattr(ctypes.CDLL(None), name)(*args)
     except (OSError, AttributeError):
@@ -737,6 +750,8 @@ def run(args: argparse.Namespace) -> int:
         return print_systemd_unit(args)
     tls = None
     if args.tls_cert:
+        import ssl
+
         try:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(args.tls_cert, args.tls_key)
