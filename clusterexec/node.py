@@ -2,8 +2,8 @@
 
 ``python -m clusterexec.node --port 15809 --workers 4 --key-file secret.key``
 
-One thread runs a ``selectors`` loop over the listening socket, every client connection and
-every worker's socketpair. Workers are forked from this process, which never imports or
+One thread runs a readiness loop (:mod:`clusterexec.poller`) over the listening socket, every
+client connection and every worker's socketpair. Workers are forked from this process, which never imports or
 unpickles user code, so each session starts from a clean interpreter. SIGCHLD, SIGTERM and
 SIGINT reach the loop through a wakeup socket.
 """
@@ -17,20 +17,20 @@ import ipaddress
 import logging
 import os
 import re
-import selectors
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clusterexec import worker
 from clusterexec._version import __version__
 from clusterexec.channel import Channel, ConnectionClosed
 from clusterexec.errors import AuthenticationError, ClusterError, ProtocolError, VersionMismatchError
 from clusterexec.keys import resolve_key
+from clusterexec.poller import EVENT_READ, EVENT_WRITE, Poller
 from clusterexec.protocol import (
     DEFAULT_MAX_FRAME,
     HANDSHAKE_TIMEOUT,
@@ -97,7 +97,7 @@ class Node(NodeHost):
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.workers_per_session = config.workers or os.cpu_count() or 1
-        self.selector = selectors.DefaultSelector()
+        self.poller = Poller()
         self.listener = self._listen()
         self.address = self.listener.getsockname()
         self.pending: dict[int, Pending] = {}
@@ -115,7 +115,7 @@ class Node(NodeHost):
         self._timers_due = 0.0
         self._reap_due = False
         # The events of the select() being handled (None outside of it): see drain_output().
-        self._batch: list[tuple[selectors.SelectorKey, int]] | None = None
+        self._batch: list[tuple[int, int, Any]] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -190,10 +190,10 @@ class Node(NodeHost):
         fd = worker.channel.sock.fileno()
         self.worker_fds[fd] = (session, worker)
         self.worker_pids[worker.pid] = (session, worker)
-        self.selector.register(fd, selectors.EVENT_READ, self._on_worker_readable)
+        self.poller.register(fd, EVENT_READ, self._on_worker_readable)
         for stream, pipe in enumerate(worker.output, start=1):
             os.set_blocking(pipe, False)
-            self.selector.register(pipe, selectors.EVENT_READ, self._output_reader(session, worker, stream))
+            self.poller.register(pipe, EVENT_READ, self._output_reader(session, worker, stream))
 
     def _output_reader(self, session: Session, worker: WorkerProcess, stream: int) -> Callable[[int, int], None]:
         def on_output(fd: int, events: int) -> None:
@@ -214,7 +214,7 @@ class Node(NodeHost):
             session.on_output(worker, stream, data)
             return
         try:
-            self.selector.unregister(fd)
+            self.poller.unregister(fd)
         except KeyError:
             pass
         os.close(fd)
@@ -230,7 +230,7 @@ class Node(NodeHost):
         batch = self._batch
         if batch is not None and len(batch) == 1:
             return  # the one event is the worker's socket: no pipe of it has anything
-        ready = None if batch is None else {key.fd for key, _events in batch}
+        ready = None if batch is None else {fd for fd, _events, _handler in batch}
         for stream, fd in enumerate(worker.output, start=1):
             if fd >= 0 and (ready is None or fd in ready):
                 self._read_output(session, worker, stream, fd)
@@ -251,7 +251,7 @@ class Node(NodeHost):
         for index, pipe in enumerate(worker.output):
             if pipe >= 0:
                 try:
-                    self.selector.unregister(pipe)
+                    self.poller.unregister(pipe)
                 except KeyError:
                     pass
                 os.close(pipe)
@@ -260,7 +260,7 @@ class Node(NodeHost):
         if fd >= 0 and fd in self.worker_fds:
             del self.worker_fds[fd]
             try:
-                self.selector.unregister(fd)
+                self.poller.unregister(fd)
             except KeyError:
                 pass
             self.write_interest.discard(fd)
@@ -284,10 +284,10 @@ class Node(NodeHost):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+        self.poller.register(self.listener, EVENT_READ, self._on_accept)
+        self.poller.register(self._wake_r, EVENT_READ, self._on_wakeup)
         if self.config.exit_with_stdin:
-            self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, self._on_stdin)
+            self.poller.register(sys.stdin.fileno(), EVENT_READ, self._on_stdin)
         if ready is not None:
             ready()
         _tune_malloc(keep_freed=True)  # after the ready line: it imports ctypes
@@ -295,9 +295,9 @@ class Node(NodeHost):
             now = time.monotonic()
             if now >= self._timers_due:
                 self._timers_due = now + self._timers(now)
-            self._batch = self.selector.select(max(0.0, self._timers_due - now))
-            for key, events in self._batch:
-                key.data(key.fd, events)
+            self._batch = batch = self.poller.select(max(0.0, self._timers_due - now))
+            for fd, events, handler in batch:
+                handler(fd, events)
             self._batch = None
             if self._reap_due:
                 self._reap_due = False
@@ -384,14 +384,12 @@ class Node(NodeHost):
                     # Output pipes too: a worker printing without end blocks on its full pipe.
                     if session.paused:
                         try:
-                            self.selector.unregister(pipe)
+                            self.poller.unregister(pipe)
                         except KeyError:
                             pass
                     else:
                         try:
-                            self.selector.register(
-                                pipe, selectors.EVENT_READ, self._output_reader(session, process, stream)
-                            )
+                            self.poller.register(pipe, EVENT_READ, self._output_reader(session, process, stream))
                         except KeyError:
                             pass
 
@@ -407,21 +405,18 @@ class Node(NodeHost):
     def _update_events(self, fd: int) -> None:
         entry = self.worker_fds.get(fd)
         paused = entry is not None and entry[0].paused
-        events = (0 if paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if fd in self.write_interest else 0)
-        try:
-            key = self.selector.get_key(fd)
-        except KeyError:
-            key = None
-        if key is not None and key.events == events:
+        events = (0 if paused else EVENT_READ) | (EVENT_WRITE if fd in self.write_interest else 0)
+        registered = self.poller.get(fd)
+        if registered is not None and registered[0] == events:
             return
         # A paused worker with nothing to write is unregistered until the client catches up.
-        handler = key.data if key is not None else self._on_worker_readable
-        if key is not None and events:
-            self.selector.modify(fd, events, handler)
-        elif key is not None:
-            self.selector.unregister(fd)
+        handler = registered[1] if registered is not None else self._on_worker_readable
+        if registered is not None and events:
+            self.poller.modify(fd, events, handler)
+        elif registered is not None:
+            self.poller.unregister(fd)
         elif events:
-            self.selector.register(fd, events, handler)
+            self.poller.register(fd, events, handler)
 
     def _on_channel_error(self, fd: int, reason: str) -> None:
         if fd in self.sessions:
@@ -452,12 +447,12 @@ class Node(NodeHost):
             pending = Pending(sock, peer, handshake, deadline, tls=self.config.tls is not None)
             self.pending[sock.fileno()] = pending
             self.timer_at(pending.deadline)
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if pending.tls_pending else 0)
-            self.selector.register(sock, events, self._on_handshake)
+            events = EVENT_READ | (EVENT_WRITE if pending.tls_pending else 0)
+            self.poller.register(sock, events, self._on_handshake)
 
     def _drop_pending(self, fd: int) -> None:
         pending = self.pending.pop(fd)
-        self.selector.unregister(fd)
+        self.poller.unregister(fd)
         pending.sock.close()
 
     def _on_handshake(self, fd: int, events: int) -> None:
@@ -471,7 +466,7 @@ class Node(NodeHost):
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     return
                 pending.tls_pending = False
-                self.selector.modify(fd, selectors.EVENT_READ, self._on_handshake)
+                self.poller.modify(fd, EVENT_READ, self._on_handshake)
             data = pending.sock.recv(8192)
             if not data:
                 raise ConnectionClosed("closed during the handshake")
@@ -518,7 +513,7 @@ class Node(NodeHost):
         channel = Channel(pending.sock, keys.sealer(), keys.opener(), self.config.max_frame, chunked=True)
         session = Session(self, channel, pending.peer, self.workers_per_session)
         self.sessions[fd] = session
-        self.selector.modify(fd, selectors.EVENT_READ, self._on_client)
+        self.poller.modify(fd, EVENT_READ, self._on_client)
         leftover = pending.records.leftover()
         if leftover:
             self._handle_client(fd, session, lambda: channel.feed_initial(leftover))
@@ -529,9 +524,9 @@ class Node(NodeHost):
         session = self.sessions.get(fd)
         if session is None:
             return
-        if events & selectors.EVENT_WRITE:
+        if events & EVENT_WRITE:
             self.dirty.add(session.channel)
-        if events & selectors.EVENT_READ:
+        if events & EVENT_READ:
             self._handle_client(fd, session, session.channel.read)
 
     def _handle_client(self, fd: int, session: Session, read: Callable[[], list]) -> None:
@@ -552,7 +547,7 @@ class Node(NodeHost):
         if session is None:
             return
         session.close(reason)
-        self.selector.unregister(fd)
+        self.poller.unregister(fd)
         self.write_interest.discard(fd)
         self.dirty.discard(session.channel)
         session.channel.close()
@@ -564,9 +559,9 @@ class Node(NodeHost):
         if entry is None:
             return
         session, worker = entry
-        if events & selectors.EVENT_WRITE:
+        if events & EVENT_WRITE:
             self.dirty.add(worker.channel)
-        if not events & selectors.EVENT_READ:
+        if not events & EVENT_READ:
             return
         try:
             messages = worker.channel.read()
@@ -602,7 +597,7 @@ class Node(NodeHost):
             if fd in self.worker_fds:
                 # Read what the worker wrote before it died, so a result sent just before
                 # an exit is not mistaken for a crash.
-                self._on_worker_readable(fd, selectors.EVENT_READ)
+                self._on_worker_readable(fd, EVENT_READ)
                 self.drain_output(session, worker)
                 self._unwatch(worker)
             log.debug("worker %d exited: %s", pid, describe_status(status))
@@ -614,7 +609,7 @@ class Node(NodeHost):
             self._end_session(fd, "node stopping")
         for fd in list(self.pending):
             self._drop_pending(fd)
-        self.selector.unregister(self.listener)
+        self.poller.unregister(self.listener.fileno())
         self.listener.close()
         deadline = time.monotonic() + 3.0
         while self.dying and time.monotonic() < deadline:

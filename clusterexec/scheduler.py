@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import logging
 import select
-import selectors
 import socket
 import sys
 import threading
@@ -26,6 +25,7 @@ from typing import Any
 from clusterexec.connection import LinkState, NodeLink
 from clusterexec.errors import BrokenCluster, ClusterError, NodeLostError, ProtocolError
 from clusterexec.output import OutputPrinter
+from clusterexec.poller import EVENT_READ, EVENT_WRITE, Poller
 from clusterexec.protocol import (
     BROKEN,
     BYE,
@@ -95,8 +95,8 @@ class Scheduler:
         # Futures are completed at the end of a loop iteration, just before the thread blocks:
         # a user thread woken by its result then finds the GIL free instead of waiting for it.
         self._done: list[tuple[TaskFuture, object, BaseException | None]] = []
-        self._selector = selectors.DefaultSelector()
-        self._registered: dict[NodeLink, tuple[socket.socket, int]] = {}
+        self._poller = Poller()
+        self._registered: dict[NodeLink, tuple[socket.socket, int, int]] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_lock = threading.Lock()
@@ -202,7 +202,7 @@ class Scheduler:
 
     def _run(self) -> None:
         self._io_ident = threading.get_ident()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._poller.register(self._wake_r, EVENT_READ, None)
         try:
             now = time.monotonic()
             for link in self.links:
@@ -226,11 +226,11 @@ class Scheduler:
                     self._break(BrokenCluster(self._lost_summary()))
                     if self._stop:
                         return
-            for key, events in self._selector.select(max(0.0, self._timers_due - now)):
-                if key.data is None:
+            for _fd, events, link in self._poller.select(max(0.0, self._timers_due - now)):
+                if link is None:
                     self._on_wake()
                 else:
-                    self._on_link_event(key.data, events)
+                    self._on_link_event(link, events)
             if self._new or self._requests:
                 self._take_requests()
                 if self._stop or any(link.state is not LinkState.READY for link in self.links):
@@ -334,24 +334,25 @@ class Scheduler:
         sock = link.sock
         if sock is None or link.state in (LinkState.LOST, LinkState.CLOSED):
             if current is not None:
-                self._unregister(link, current[0])
+                self._unregister(link, current[1])
             return
         events = link.interest()
         if current is not None and current[0] is sock:
-            if current[1] != events:
-                self._selector.modify(sock, events, link)
-                self._registered[link] = (sock, events)
+            if current[2] != events:
+                self._poller.modify(current[1], events, link)
+                self._registered[link] = (sock, current[1], events)
             return
         if current is not None:
-            self._unregister(link, current[0])
-        self._selector.register(sock, events, link)
-        self._registered[link] = (sock, events)
+            self._unregister(link, current[1])
+        fd = sock.fileno()
+        self._poller.register(fd, events, link)
+        self._registered[link] = (sock, fd, events)
 
-    def _unregister(self, link: NodeLink, sock: socket.socket) -> None:
+    def _unregister(self, link: NodeLink, fd: int) -> None:
         del self._registered[link]
         try:
-            self._selector.unregister(sock)
-        except (KeyError, ValueError, OSError):
+            self._poller.unregister(fd)
+        except KeyError:
             pass
 
     def _on_link_event(self, link: NodeLink, events: int) -> None:
@@ -581,7 +582,7 @@ class Scheduler:
         for link in self.links:
             channel = link.channel
             if channel is not None and channel.wants_write:
-                link.on_event(selectors.EVENT_WRITE, time.monotonic())
+                link.on_event(EVENT_WRITE, time.monotonic())
                 if link.state is not LinkState.READY:
                     self._timers_due = 0.0
                     if link.state is LinkState.LOST and link.inflight:
@@ -670,7 +671,7 @@ class Scheduler:
                 closer()
             except Exception:
                 log.exception("clusterexec: stopping a local node failed")
-        self._selector.close()
+        self._poller.close()
         self._wake_r.close()
         self._wake_w.close()
         self.first_round.set()
