@@ -3,9 +3,9 @@
 ``python -m clusterexec.node --port 15809 --workers 4 --key-file secret.key``
 
 One thread runs a readiness loop (:mod:`clusterexec.poller`) over the listening socket, every
-client connection and every worker's socketpair. Workers are forked from this process, which never imports or
-unpickles user code, so each session starts from a clean interpreter. SIGCHLD, SIGTERM and
-SIGINT reach the loop through a wakeup socket.
+client connection and every worker's socketpair. Workers are forked from this process, which
+never imports or unpickles user code, so each session starts from a clean interpreter.
+SIGCHLD, SIGTERM and SIGINT reach the loop through a wakeup socket.
 """
 
 from __future__ import annotations

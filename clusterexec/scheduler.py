@@ -437,7 +437,12 @@ class Scheduler:
         if exception is not None and task.link is not None:
             task.link.tasks_failed += 1
         self._drop(task)
-        self._done.append((task.future, value, exception))
+        future = task.future
+        if future._state == PENDING:
+            # RUNNING from here on: the task has run, so a cancel() from a user thread before
+            # _complete() sets the result must fail, as it does once a task has started.
+            future.set_running_or_notify_cancel()
+        self._done.append((future, value, exception))
 
     def _complete(self) -> None:
         done, self._done = self._done, []
