@@ -34,6 +34,9 @@ class Poller:
         """``epoll=False`` uses ``selectors.DefaultSelector`` even where epoll exists (tests)."""
         self._epoll = select.epoll() if epoll and hasattr(select, "epoll") else None
         self._other = None if self._epoll is not None else selectors.DefaultSelector()
+        # Both take (fd, mask) to register and modify, and fd to unregister; only the masks differ.
+        self._backend: Any = self._epoll if self._epoll is not None else self._other
+        self._mask = _epoll_mask if self._epoll is not None else _same_mask
         self._entries: dict[int, tuple[int, Any]] = {}
 
     def register(self, fileobj: FileLike, events: int, data: Any) -> None:
@@ -42,11 +45,7 @@ class Poller:
         fd = _fd(fileobj)
         if fd in self._entries:
             raise KeyError(f"file descriptor {fd} is already registered")
-        if self._epoll is not None:
-            self._epoll.register(fd, _epoll_mask(events))
-        else:
-            assert self._other is not None
-            self._other.register(fd, events)
+        self._backend.register(fd, self._mask(events))
         self._entries[fd] = (events, data)
 
     def modify(self, fileobj: FileLike, events: int, data: Any) -> None:
@@ -55,22 +54,14 @@ class Poller:
         if fd not in self._entries:
             raise KeyError(f"file descriptor {fd} is not registered")
         if self._entries[fd][0] != events:
-            if self._epoll is not None:
-                self._epoll.modify(fd, _epoll_mask(events))
-            else:
-                assert self._other is not None
-                self._other.modify(fd, events)
+            self._backend.modify(fd, self._mask(events))
         self._entries[fd] = (events, data)
 
     def unregister(self, fd: int) -> None:
         """Stop watching ``fd`` (it may be closed already). Raises KeyError if it is not registered."""
         del self._entries[fd]
         try:
-            if self._epoll is not None:
-                self._epoll.unregister(fd)
-            else:
-                assert self._other is not None
-                self._other.unregister(fd)
+            self._backend.unregister(fd)
         except (OSError, KeyError, ValueError):
             pass  # closed: the kernel has dropped it already
 
@@ -104,11 +95,12 @@ class Poller:
     def close(self) -> None:
         """Release the kernel object; the poller cannot be used afterwards."""
         self._entries.clear()
-        if self._epoll is not None:
-            self._epoll.close()
-        elif self._other is not None:
-            self._other.close()
+        self._backend.close()
 
 
 def _epoll_mask(events: int) -> int:
     return (_IN if events & EVENT_READ else 0) | (_OUT if events & EVENT_WRITE else 0)
+
+
+def _same_mask(events: int) -> int:
+    return events
