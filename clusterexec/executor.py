@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import ssl
+import sys
 import threading
 import time
 import types
@@ -24,6 +25,7 @@ from clusterexec.connection import LinkState, NodeLink, SessionRequest
 from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
 from clusterexec.keys import resolve_key
 from clusterexec.local import LocalNode
+from clusterexec.mainscript import prepare_worker
 from clusterexec.output import OutputPrinter
 from clusterexec.protocol import FLAG_CHUNK
 from clusterexec.report import ClusterReport, ClusterStats, NodeReport, NodeStatus, report_from_status
@@ -138,11 +140,10 @@ class ClusterExecutor(Executor):
         self._closers: list[Callable[[], None]] = []
         self._catalog = ModuleCatalog(list(modules), auto=auto_modules)
         preload = self._catalog.explicit
-        init = None
-        if initializer is not None:
-            payload = dumps((initializer, tuple(initargs)), self._catalog)
-            init = (payload.body, payload.buffers)
-            preload = preload + payload.modules
+        # Every worker first takes the client's sys.argv, as a fork does, then runs the initializer.
+        payload = dumps((prepare_worker, (list(sys.argv), initializer, tuple(initargs))), self._catalog)
+        init = (payload.body, payload.buffers)
+        preload = preload + payload.modules
         request = SessionRequest(None, max_tasks_per_child, heartbeat_interval, init, output=forward_output)
         if nodes is None and cluster_from_env():
             nodes = Path(str(cluster_from_env()))

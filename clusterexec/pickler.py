@@ -29,6 +29,7 @@ class ShippingPickler(cloudpickle.Pickler):
         self.catalog = catalog
         self.modules: dict[str, types.ModuleType] = {}
         self.uses_main = False
+        self.main_by_value = False
         self.by_value = False
 
     def _note(self, name: object) -> None:
@@ -46,6 +47,8 @@ class ShippingPickler(cloudpickle.Pickler):
                 if qualname is not None and self.catalog.by_name_in_main(qualname):
                     self.uses_main = True
                     return resolve_main, (qualname,)
+                if getattr(obj, "__module__", None) == "__main__":
+                    self.main_by_value = True  # its source goes along, for the traceback's lines
                 self._note(getattr(obj, "__module__", None))
             result = super().reducer_override(obj)
             if result is not NotImplemented and isinstance(obj, types.FunctionType):
@@ -55,16 +58,31 @@ class ShippingPickler(cloudpickle.Pickler):
             return result
         if isinstance(obj, types.ModuleType) and self.catalog.auto:
             self._note(obj.__name__)
+        if type(obj) is types.CodeType and _reduce_code is not None:
+            # cloudpickle writes "<dynamic-code>" as the file name of code sent by value; keep
+            # the real one, so remote tracebacks name the file and line (and show the line).
+            constructor, args = _reduce_code(obj)
+            return _code_in_file, (constructor, args, obj.co_filename)
         return super().reducer_override(obj)
+
+
+_reduce_code = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+
+
+def _code_in_file(constructor: Any, args: tuple[Any, ...], filename: str) -> types.CodeType:
+    """Rebuild a code object pickled by value, with the file name it was compiled from."""
+    code: types.CodeType = constructor(*args)
+    return code.replace(co_filename=filename)
 
 
 def needed_sources(catalog: ModuleCatalog, pickler: ShippingPickler) -> tuple[ModuleSource, ...]:
     """The module sources a pickle made by ``pickler`` needs on the worker, in import order."""
     out: list[ModuleSource] = []
-    if pickler.uses_main:
+    if pickler.uses_main or pickler.main_by_value:
         main = catalog.main_source()
         if main is not None:
-            out.extend(s for s in catalog.main_dependencies() if s not in out)
+            if pickler.uses_main:
+                out.extend(s for s in catalog.main_dependencies() if s not in out)
             out.append(main)
     for module in pickler.modules.values():
         for source in catalog.sources_of(module):

@@ -544,7 +544,8 @@ class Scheduler:
         assert channel is not None
         function = task.function
         if (function.payload.by_value or task.payload.by_value) and link.python_version() != LOCAL_PYTHON:
-            self._fail(task, version_skew_error(task.task_id, link.name, link.python_version()))
+            blocker = function.payload.main_blocker or task.payload.main_blocker
+            self._fail(task, version_skew_error(task.task_id, link.name, link.python_version(), blocker))
             return False
         self._ship_modules(link, function.payload.modules + task.payload.modules)
         digest = function.digest
@@ -685,14 +686,17 @@ class Scheduler:
 LOCAL_PYTHON = "{}.{}".format(*sys.version_info[:2])
 
 
-def version_skew_error(task_id: int, node: str, remote: str) -> ClusterError:
-    """The error for bytecode that cannot run on a node's other Python minor version."""
+def version_skew_error(task_id: int, node: str, remote: str, main_blocker: str | None = None) -> ClusterError:
+    """The error for bytecode that cannot run on a node's other Python minor version; with
+    ``main_blocker``, it also says which line of the main script kept it from being re-run."""
+    why = f" The main script is not re-run on workers because of {main_blocker}." if main_blocker else ""
     return ClusterError(
         f"task {task_id} cannot run on node {node}: its function or arguments hold code pickled by value "
-        f"(a lambda, closure, or function defined inside another), and bytecode does not travel between "
-        f"Python versions: this client runs Python {LOCAL_PYTHON}, node {node} runs Python {remote}. "
-        "Move the function to the top level of a module (it then travels by source), or run the same "
-        "Python version on both sides."
+        f"(a lambda, a closure, a function defined inside another, or a function of a main script whose "
+        f"top-level code is not only definitions, so it is not re-run on workers), and bytecode does not "
+        f"travel between Python versions: this client runs Python {LOCAL_PYTHON}, node {node} runs Python "
+        f"{remote}. Move the function into a module (it then travels by source), or put the main script's "
+        'other top-level code under `if __name__ == "__main__":`, or run the same Python version on both sides.' + why
     )
 
 

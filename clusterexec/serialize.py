@@ -36,12 +36,14 @@ _PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex})
 @dataclass(frozen=True)
 class Payload:
     """A pickled object: the pickle stream, its out-of-band buffers, the module sources it
-    needs on the worker, and whether it holds bytecode (``by_value``)."""
+    needs on the worker, whether it holds bytecode (``by_value``), and when that bytecode comes
+    from the main script, why the script is not re-run on workers (``main_blocker``)."""
 
     body: bytes
     buffers: tuple[Any, ...] = ()
     modules: tuple[ModuleSource, ...] = ()
     by_value: bool = False
+    main_blocker: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -85,7 +87,8 @@ def dumps(obj: object, catalog: ModuleCatalog | None = None) -> Payload:
     pickler = ShippingPickler(out, catalog, buffer_callback=collect)
     pickler.dump(obj)
     modules = needed_sources(catalog, pickler) if catalog.auto else ()
-    return Payload(out.getvalue(), tuple(b.raw() for b in buffers), modules, pickler.by_value)
+    blocker = catalog.main_rerun_blocker if pickler.main_by_value else None
+    return Payload(out.getvalue(), tuple(b.raw() for b in buffers), modules, pickler.by_value, blocker)
 
 
 def dumps_call(args: tuple[Any, ...], kwargs: dict[str, Any], catalog: ModuleCatalog | None = None) -> Payload:

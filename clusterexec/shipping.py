@@ -14,7 +14,6 @@ so remote tracebacks show code lines.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from clusterexec.errors import ConfigurationError
+from clusterexec.mainscript import names_bound_outside_main_block, rerun_blocker
 
 MAIN_NAME = "__mp_main__"
 _rerunning_main = False
@@ -39,6 +39,10 @@ def rerunning_main() -> bool:
     """True while a worker re-runs the client's main script (to find functions defined in it)."""
     return _rerunning_main
 
+
+# Sources whose name starts with this are registered with linecache on workers, never imported:
+# the main script when it is not re-run, so that its functions sent by value show their lines.
+LINES_ONLY = "<lines>"
 
 NEVER_SHIPPED = frozenset({"clusterexec", "__main__", MAIN_NAME, "builtins"})
 
@@ -140,6 +144,8 @@ class ModuleCatalog:
         self.auto = auto
         self._sources: dict[str, tuple[ModuleSource, ...]] = {}
         self.main_names: frozenset[str] = frozenset()
+        # Why the main script is not re-run on workers (its functions then travel by value).
+        self.main_rerun_blocker: str | None = None
         self.explicit: tuple[ModuleSource, ...] = tuple(s for m in explicit for s in self._explicit(m))
 
     def _explicit(self, module: types.ModuleType | str) -> tuple[ModuleSource, ...]:
@@ -187,7 +193,8 @@ class ModuleCatalog:
         return self._sources[key]
 
     def main_source(self) -> ModuleSource | None:
-        """The main script's source, to re-run as ``__mp_main__`` on workers (None if interactive)."""
+        """The main script's source (None if interactive): re-run as ``__mp_main__`` on workers
+        when that is harmless, else shipped only so that tracebacks show its lines."""
         cached = self._sources.get(MAIN_NAME)
         if cached is not None:
             return cached[0] if cached else None
@@ -197,9 +204,13 @@ class ModuleCatalog:
             self._sources[MAIN_NAME] = ()
             return None
         source = _read_source(MAIN_NAME, filename, False)
+        self.main_rerun_blocker = rerun_blocker(source.source)
+        if self.main_rerun_blocker is not None:
+            source = _source_from_text(LINES_ONLY + filename, filename, source.source, False)
+        else:
+            self.main_names = names_bound_outside_main_block(source.source)
+            sys.modules.setdefault(MAIN_NAME, main)
         self._sources[MAIN_NAME] = (source,)
-        self.main_names = _names_bound_outside_main_block(source.source)
-        sys.modules.setdefault(MAIN_NAME, main)
         return source
 
     def main_dependencies(self) -> tuple[ModuleSource, ...]:
@@ -216,7 +227,8 @@ class ModuleCatalog:
         return tuple(out)
 
     def by_name_in_main(self, qualname: str) -> bool:
-        """True if ``qualname`` is bound by the main script when re-run under another name."""
+        """True if ``qualname`` is bound by the main script when re-run under another name
+        (never when re-running the script is not harmless)."""
         return self.main_source() is not None and qualname.partition(".")[0] in self.main_names
 
 
@@ -244,43 +256,6 @@ def _referenced_user_modules(top: types.ModuleType, own: Sequence[ModuleSource])
             ):
                 found.append(candidate)
     return found
-
-
-def _is_main_guard(test: ast.expr) -> bool:
-    names = {n.id for n in ast.walk(test) if isinstance(n, ast.Name)}
-    texts = {n.value for n in ast.walk(test) if isinstance(n, ast.Constant)}
-    return "__name__" in names and "__main__" in texts
-
-
-def _names_bound_outside_main_block(source: bytes) -> frozenset[str]:
-    """Top-level names a script binds when run under a name other than ``__main__``."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return frozenset()
-    names: set[str] = set()
-
-    def visit(statements: list[ast.stmt]) -> None:
-        for node in statements:
-            if isinstance(node, ast.If) and _is_main_guard(node.test):
-                visit(node.orelse)
-                continue
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                names.add(node.name)
-            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-                for target in targets:
-                    names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                names.update((a.asname or a.name).partition(".")[0] for a in node.names)
-            elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
-                for field in ("body", "orelse", "finalbody"):
-                    visit(getattr(node, field, []))
-                for handler in getattr(node, "handlers", []):
-                    visit(handler.body)
-
-    visit(tree.body)
-    return frozenset(names)
 
 
 def resolve_main(qualname: str) -> Any:

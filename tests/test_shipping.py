@@ -495,15 +495,13 @@ def test_main_script_functions_run_by_name_and_its_main_block_does_not(
 ) -> None:
     markers = tmp_path / "markers"
     markers.mkdir()
-    # The module-level code of main.py drops a marker naming its pid and __name__ wherever it
-    # runs; its `if __name__ == "__main__":` block drops one naming its pid. Workers have no
-    # CE_ROLE in their environment, so should the block wrongly run there it does nothing more.
+    # Outside its guard the script only imports, assigns constants and defines: re-running it
+    # on a worker is harmless, so its functions travel by name (``__mp_main__.where``). Its
+    # `if __name__ == "__main__":` block drops a marker naming its pid wherever it runs.
     script = """
         import time
 
         MARKERS = @MARKERS@
-        with open(os.path.join(MARKERS, f"module-{os.getpid()}-{__name__}"), "w"):
-            pass
 
 
         class Acc:
@@ -556,15 +554,62 @@ def test_main_script_functions_run_by_name_and_its_main_block_does_not(
     assert result["top_by_value"] is False and result["top_has_code"] is False
     assert result["top_modules"] == ["__mp_main__"]
     assert result["lambda_by_value"] is True
-
     names = sorted(p.name for p in markers.iterdir())
-    mainblock_pids = {int(n.split("-")[1]) for n in names if n.startswith("mainblock-")}
-    assert mainblock_pids == {client_pid}, names  # the __main__ block ran in the client only
-    module_runs = {(int(n.split("-")[1]), n.split("-", 2)[2]) for n in names if n.startswith("module-")}
-    assert (client_pid, "__main__") in module_runs
-    elsewhere = {run for run in module_runs if run[0] != client_pid}
-    assert {run[1] for run in elsewhere} == {"__mp_main__"}, names
-    assert worker_pids <= {run[0] for run in elsewhere}  # every worker that ran a task re-ran main.py
+    assert names == [f"mainblock-{client_pid}"]  # the __main__ block ran in the client only
+
+
+def test_main_script_with_other_top_level_code_is_not_rerun_its_functions_travel_by_value(
+    project: Path, ship_node: ShipNode, key_file: Path, tmp_path: Path
+) -> None:
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    # Top-level code with an effect (a marker file naming the pid) and no guard at all: as
+    # with a fork, it must run in the client only, and the functions still run on the workers.
+    script = """
+        import time
+
+        MARKERS = @MARKERS@
+        with open(os.path.join(MARKERS, f"module-{os.getpid()}-{__name__}"), "w"):
+            pass
+
+
+        class Acc:
+            def __init__(self, v):
+                self.v = v
+
+
+        def where(acc):
+            return Acc(acc.v + 1), __name__, os.getpid(), time.monotonic() > 0
+
+
+        from clusterexec.serialize import dumps
+        from clusterexec.shipping import ModuleCatalog
+
+        catalog = ModuleCatalog()
+        top = dumps(where, catalog)
+        ex = _executor()
+        results = list(ex.map(where, [Acc(i) for i in range(6)]))
+        _report(
+            client_pid=os.getpid(),
+            results=[[r[0].v, type(r[0]).__name__, type(r[0]) is Acc, r[1], r[2]] for r in results],
+            top_by_value=top.by_value,
+            top_modules=[s.name for s in top.modules],
+            blocker=top.main_blocker,
+        )
+    """.replace("@MARKERS@", repr(str(markers)))
+    result = run_client(project, script, ship_node, key_file)
+    client_pid = result["client_pid"]
+    results = result["results"]
+    assert [r[0] for r in results] == [1, 2, 3, 4, 5, 6]
+    assert {(r[1], r[2]) for r in results} == {("Acc", True)}  # the client's own class comes back
+    assert {r[3] for r in results} == {"__main__"}  # the function's globals, as the client has them
+    assert client_pid not in {r[4] for r in results}
+    # By value, with the script's source along for tracebacks only (never imported).
+    assert result["top_by_value"] is True
+    assert [name.startswith("<lines>") for name in result["top_modules"]] == [True]
+    assert re.fullmatch(r"line \d+: with open\(.*", result["blocker"]), result["blocker"]
+    names = sorted(p.name for p in markers.iterdir())
+    assert names == [f"module-{client_pid}-__main__"]  # top-level code ran in the client only
 
 
 def test_main_script_that_imports_user_modules_runs_on_the_worker(
