@@ -56,6 +56,7 @@ def main() -> None:
     print(f"done in {time.perf_counter() - started:.2f}s")
 
 
-# The guard matters: workers run this script again, as ``__mp_main__``, to find count_primes.
+# The guard keeps main() from running again where the script is re-run (as ``__mp_main__``,
+# on workers, to find count_primes by name); examples/quick_script.py works without one.
 if __name__ == "__main__":
     main()

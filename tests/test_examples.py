@@ -22,6 +22,10 @@ EXPECTED = {
         "checked_sqrt(2.0) = 1.414214",
         "caught the remote exception: ValueError: cannot take the square root of -1.0",
     ],
+    "quick_script.py": [
+        "sum of cubes below 1000: 249500250000",
+        "the workers saw the same argv: True",
+    ],
     "remote_nodes.py": [
         "sum of squares of 0..39: 20540",
         "a wrong key is refused: AuthenticationError",
