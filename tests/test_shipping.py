@@ -1096,3 +1096,27 @@ def test_version_skew_arguments_without_code_are_not_refused(
 )
 def test_objects_without_code_are_not_flagged_by_value(make: Callable[[], object]) -> None:
     assert dumps(make(), ModuleCatalog()).by_value is False
+
+
+@pytest.mark.timeout(SKEW_TIMEOUT)
+def test_version_skew_functions_of_an_unguarded_script_fail_naming_the_line_that_keeps_it_from_being_rerun(
+    project: Path, other_node: ShipNode, other_python: tuple[str, str], key_file: Path
+) -> None:
+    # No guard: the top level creates the executor, so the script is not re-run and its
+    # functions go by value, which a node of another Python minor version cannot load.
+    script = """
+        def top_level(x):
+            return x * 2
+
+
+        ex = _executor()
+        _report(main_function=_outcome(ex.submit(top_level, 4)))
+        ex.shutdown()
+    """
+    result = run_client(project, script, other_node, key_file)
+    facts = error(result["main_function"])
+    assert facts["type"] == "ClusterError", facts
+    message = facts["message"]
+    assert f"Python {LOCAL_PYTHON}" in message and f"Python {other_python[1]}" in message, message
+    assert "line " in message and "ex = _executor()" in message, message  # the line at fault
+    assert "module" in message and 'if __name__ == "__main__":' in message, message  # what to do
