@@ -41,7 +41,7 @@ from clusterexec.specs import (
     read_cluster_file,
     resolve_nodes,
 )
-from clusterexec.tasks import Task, TaskFuture, cancel_and_notify
+from clusterexec.tasks import UNSEEN, Task, TaskFuture, cancel_and_notify
 
 T = TypeVar("T")
 
@@ -60,6 +60,9 @@ def _python_exit() -> None:
         scheduler.stop()
     for scheduler in schedulers:
         scheduler.join()
+    unseen = UNSEEN.report()
+    if unseen is not None:
+        sys.stderr.write(unseen + "\n")
 
 
 try:

@@ -23,7 +23,7 @@ from concurrent.futures._base import PENDING
 from typing import Any
 
 from clusterexec.connection import LinkState, NodeLink
-from clusterexec.errors import BrokenCluster, ClusterError, NodeLostError, ProtocolError
+from clusterexec.errors import BrokenCluster, ClusterError, NodeLostError, ProtocolError, RemoteError
 from clusterexec.output import OutputPrinter
 from clusterexec.poller import EVENT_READ, EVENT_WRITE, Poller
 from clusterexec.protocol import (
@@ -57,7 +57,7 @@ from clusterexec.protocol import (
 from clusterexec.report import ClusterStats, NodeStats
 from clusterexec.serialize import crash_error, decode_result
 from clusterexec.shipping import ModuleSource, encode_sources
-from clusterexec.tasks import Reply, Task, TaskFuture, TaskState, cancel_and_notify
+from clusterexec.tasks import UNSEEN, Reply, Task, TaskFuture, TaskState, cancel_and_notify
 
 log = logging.getLogger("clusterexec")
 
@@ -436,6 +436,9 @@ class Scheduler:
     def _finish_task(self, task: Task, value: object = None, exception: BaseException | None = None) -> None:
         if exception is not None and task.link is not None:
             task.link.tasks_failed += 1
+        if isinstance(exception, ClusterError) and not isinstance(exception, RemoteError):  # not the task's own
+
+            UNSEEN.note(task.future, task.task_id, exception)
         self._drop(task)
         future = task.future
         if future._state == PENDING:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import threading
+import weakref
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, PENDING
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,17 @@ class TaskFuture(Future[Any]):
         super().__init__()
         self._scheduler: Scheduler | None = scheduler
         self._task: Task | None = None
+        self._seen = False
+
+    def result(self, timeout: float | None = None) -> Any:
+        """As ``Future.result``."""
+        self._seen = True
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """As ``Future.exception``."""
+        self._seen = True
+        return super().exception(timeout)
 
     def cancel(self) -> bool:
         """Cancel the task if it has not started; return True if it is cancelled."""
@@ -90,6 +102,47 @@ class TaskFuture(Future[Any]):
         if scheduler is None:
             return False
         return scheduler.cancel_sent(task)
+
+
+class UnseenFailures:
+    """Tasks that clusterexec could not run (a lost node, a version skew, a shutdown) and whose
+    futures nobody has asked about yet: reported at interpreter exit, so that a program never
+    ends with its work silently undone. Thread-safe; keeps at most ``LIMIT`` of them."""
+
+    LIMIT = 1000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failures: list[tuple[weakref.ref[TaskFuture], int, str]] = []
+        self._more = 0
+
+    def note(self, future: TaskFuture, task_id: int, error: BaseException) -> None:
+        """Remember a task that failed through no fault of its own code."""
+        with self._lock:
+            if len(self._failures) < self.LIMIT:
+                self._failures.append((weakref.ref(future), task_id, str(error).splitlines()[0]))
+            else:
+                self._more += 1
+
+    def report(self) -> str | None:
+        """What to tell the user at exit, or None if every such failure was looked at."""
+        with self._lock:
+            unseen = [(task_id, text) for ref, task_id, text in self._failures if not getattr(ref(), "_seen", False)]
+            more, self._failures, self._more = self._more, [], 0
+        if not unseen:
+            return None
+        count = len(unseen) + more
+        lines = [f"  task {task_id}: {text}" for task_id, text in unseen[:5]]
+        if count > len(lines):
+            lines.append(f"  ... and {count - len(lines)} more")
+        return (
+            f"clusterexec: {count} submitted task(s) were not done (the cluster failed them, not their own "
+            "code) and nobody asked for their result; call result() or exception() on the futures to handle "
+            "these errors:\n" + "\n".join(lines)
+        )
+
+
+UNSEEN = UnseenFailures()
 
 
 def cancel_and_notify(future: Future[Any]) -> bool:

@@ -363,3 +363,34 @@ def test_tracebacks_of_an_unguarded_script_show_its_file_and_lines_even_once_it_
     assert f'File "{script}", line 9, in boom' in done.stdout, done.stdout
     assert "raise RuntimeError(x)  # a comment on the failing line" in done.stdout, done.stdout
     assert "<dynamic-code>" not in done.stdout
+
+
+@pytest.mark.parametrize("looks", [False, True], ids=["never-looked-at", "looked-at"])
+def test_work_the_cluster_could_not_do_is_reported_at_exit_unless_the_program_looked(
+    looks: bool, tmp_path: Path
+) -> None:
+    # The worker dies under the task; nobody asks the future. With ProcessPoolExecutor that
+    # program would exit 0 in silence; here its stderr says which task was not done and why.
+    script = _write(
+        tmp_path,
+        "crashes",
+        f"""
+        import os
+        from clusterexec import ClusterExecutor
+
+        ex = ClusterExecutor(1)
+        future = ex.submit(os._exit, 7)
+        ex.submit(abs, -1)
+        if {looks!r}:
+            print(type(future.exception()).__name__)
+        """,
+        "",
+    )
+    done = _run(script)
+    assert done.returncode == 0, done.stderr
+    if looks:
+        assert done.stdout == "WorkerCrashedError\n"
+        assert "nobody asked" not in done.stderr, done.stderr
+    else:
+        assert "clusterexec: 1 submitted task(s) were not done" in done.stderr, done.stderr
+        assert "task 1: " in done.stderr and "exit" in done.stderr, done.stderr
