@@ -17,7 +17,6 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from pathlib import Path
 from typing import Any, TypeVar
 
 from clusterexec.connection import LinkState, NodeLink, SessionRequest
@@ -31,6 +30,7 @@ from clusterexec.scheduler import Scheduler
 from clusterexec.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.shipping import ModuleCatalog, rerunning_main
 from clusterexec.specs import (
+    ALL_GROUP,
     DEFAULT_PORT,
     NodeAddress,
     SshSpec,
@@ -144,8 +144,10 @@ class ClusterExecutor(Executor):
             init = (payload.body, payload.buffers)
             preload = preload + payload.modules
         request = SessionRequest(None, max_tasks_per_child, heartbeat_interval, init, output=forward_output)
-        if nodes is None and cluster_from_env():
-            nodes = Path(str(cluster_from_env()))
+        cluster = cluster_from_env()
+        if nodes is None and cluster:
+            # $CLUSTER names no group, so it means the whole cluster: every host (PEAK's `hosts`).
+            nodes = read_cluster_file(cluster, ALL_GROUP)
         if nodes is None:
             self._max_workers = max_workers or os.cpu_count() or 1
             local = LocalNode(self._max_workers)
