@@ -713,7 +713,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="CA bundle (PEM): require client certificates signed by it")
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    parser.add_argument(
+        "--log-level", default="INFO", help="logging level (default: INFO, one line per session start and end)"
+    )
     parser.add_argument("--quiet", action="store_true", help="log errors only (overrides --log-level)")
     parser.add_argument(
         "--print-systemd-unit",

@@ -36,9 +36,11 @@ from clusterexec.protocol import (
     OUTPUT_HEAD,
     PING,
     RESULT,
+    RESULT_HEAD,
     SESSION,
     STARTED,
     STATUS,
+    STATUS_OK,
     STATUS_REPLY,
     STOP,
     TASK,
@@ -132,7 +134,9 @@ class Session:
         self.heartbeat_interval = 1.0
         self.next_heartbeat = 0.0
         self.tasks_done = 0
+        self.tasks_failed = 0
         self.tasks_crashed = 0
+        self.tasks_cancelled = 0
         self.opened = time.monotonic()
         self.paused = False
         self.forward_output = False
@@ -212,6 +216,7 @@ class Session:
             else:
                 kept.append(message)
         self.queue = kept
+        self.tasks_cancelled += len(cancelled)
         done = set(cancelled)
         self._to_client(CANCELLED, pack_cancelled(cancelled, [i for i in ids if i not in done]))
 
@@ -310,7 +315,9 @@ class Session:
         if worker.output:
             # What the task printed goes out before its result.
             self.node.drain_output(self, worker)
-        (task_id,) = TASK_ID.unpack_from(message.body, 0)
+        if len(message.body) < RESULT_HEAD.size:
+            raise ProtocolError(f"worker {worker.pid} sent a RESULT shorter than its header")
+        task_id, status = RESULT_HEAD.unpack_from(message.body, 0)
         if not worker.outstanding or worker.outstanding[0][0] != task_id:
             raise ProtocolError(f"worker {worker.pid} answered for task {task_id} out of turn")
         worker.outstanding.popleft()
@@ -322,6 +329,8 @@ class Session:
         worker.short = now - worker.busy_since < SHORT_TASK
         worker.busy_since = now
         self.tasks_done += 1
+        if status != STATUS_OK:  # the status byte is the node's to read; the payload is not
+            self.tasks_failed += 1
         self.node.tasks_run += 1
         if self.state is SessionState.ACTIVE:
             self._to_client(RESULT, message.body, message.buffers)
@@ -415,15 +424,18 @@ class Session:
         self.queue.clear()
         self.functions.clear()
         self.stop_workers()
-        # A status probe never opens a session: not worth an INFO line.
+        # A status probe never opens a session: not worth an INFO line. The counts: tasks run to
+        # a result (of which failed: raised), crashed (their worker died), cancelled before start.
         log.log(
             logging.INFO if opened else logging.DEBUG,
-            "session from %s ended (%s): %d tasks done, %d crashed, %.1fs",
+            "session from %s ended (%s) after %.1fs: %d tasks run, %d failed, %d crashed, %d cancelled",
             self.peer,
             reason,
-            self.tasks_done,
-            self.tasks_crashed,
             time.monotonic() - self.opened,
+            self.tasks_done,
+            self.tasks_failed,
+            self.tasks_crashed,
+            self.tasks_cancelled,
         )
 
 

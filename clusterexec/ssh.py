@@ -224,6 +224,7 @@ class SshNode:
     def _start(self) -> None:
         opts = self.options
         argv = ["--host", "127.0.0.1", "--port", "0", "--workers", str(opts.workers), "--exit-with-stdin"]
+        argv += ["--log-level", "WARNING"]  # its stderr becomes client warnings: no session lines there
         payload = startup_input(self.key, argv)
         try:
             channel = self._process = self._client.get_transport().open_session(timeout=opts.connect_timeout)
