@@ -28,7 +28,7 @@ from pathlib import Path
 import helpers
 import psutil
 import pytest
-from conftest import TESTS, NodeProcess, wait_until
+from conftest import NodeProcess, clean_env, cli, wait_until
 
 from clusterexec import ClusterExecutor
 from clusterexec.cli import fold_nodes, format_duration
@@ -37,28 +37,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any key variable, plus ``extra``; tests/ on PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTEREXEC_KEY")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0, **kw: object
-) -> subprocess.CompletedProcess:
-    """Run ``python -m clusterexec ARGS`` and capture its output as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "clusterexec", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env or clean_env(),
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 def free_port() -> int:
