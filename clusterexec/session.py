@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from clusterexec.channel import Channel
+from clusterexec.compression import codec_available
 from clusterexec.errors import ProtocolError
 from clusterexec.protocol import (
     BROKEN,
@@ -140,6 +141,7 @@ class Session:
         self.opened = time.monotonic()
         self.paused = False
         self.forward_output = False
+        self.compression: str | None = None
 
     # ------------------------------------------------------------------ client side
 
@@ -193,6 +195,9 @@ class Session:
         interval = request.get("heartbeat_interval", 1.0)
         self.heartbeat_interval = float(interval) if isinstance(interval, (int, float)) else 1.0
         self.forward_output = request.get("output") is True
+        # The workers compress results only with a codec this node has; WELCOME tells the client.
+        codec = request.get("compression")
+        self.compression = codec if isinstance(codec, str) and codec_available(codec) else None
         if message.buffers:
             first = message.buffers[0]
             body = first.tobytes() if isinstance(first, ChunkedBuffer) else memoryview(first)
@@ -200,10 +205,12 @@ class Session:
         for _ in range(self.worker_count):
             self._spawn()
         self.state = SessionState.ACTIVE
-        self._to_client(WELCOME, pack_json({"workers": self.worker_count, **self.node.describe()}))
+        welcome = {"workers": self.worker_count, "compression": self.compression, **self.node.describe()}
+        self._to_client(WELCOME, pack_json(welcome))
         self.next_heartbeat = time.monotonic() + self.heartbeat_interval
         self.node.timer_at(self.next_heartbeat)
-        log.info("session from %s started with %d workers", self.peer, self.worker_count)
+        codec = f", {self.compression} compression" if self.compression else ""
+        log.info("session from %s started with %d workers%s", self.peer, self.worker_count, codec)
 
     def _cancel(self, ids: list[int]) -> None:
         wanted = set(ids)
@@ -275,7 +282,7 @@ class Session:
     def _spawn(self) -> None:
         parent, child = socket.socketpair()
         pipes = [os.pipe(), os.pipe()] if self.forward_output else []
-        pid = self.node.fork_worker(child, [w for _, w in pipes])
+        pid = self.node.fork_worker(child, [w for _, w in pipes], self.compression)
         child.close()
         for _, w in pipes:
             os.close(w)
@@ -464,8 +471,9 @@ class NodeHost:
         """Facts about the node for the WELCOME message."""
         raise NotImplementedError
 
-    def fork_worker(self, sock: socket.socket, output: list[int]) -> int:
-        """Fork a worker process serving ``sock`` (stdout and stderr to ``output`` if given)."""
+    def fork_worker(self, sock: socket.socket, output: list[int], compression: str | None = None) -> int:
+        """Fork a worker process serving ``sock`` (stdout and stderr to ``output`` if given;
+        results compressed with ``compression``, if given)."""
         raise NotImplementedError
 
     def drain_output(self, session: Session, worker: WorkerProcess) -> None:
