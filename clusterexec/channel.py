@@ -222,10 +222,13 @@ class Channel:
 
 
 class BlockingChannel:
-    """A blocking framed socket, for a worker process talking to its node."""
+    """A blocking framed socket, for a worker process talking to its node (or a status probe,
+    over TLS or not)."""
 
     def __init__(self, sock: socket.socket, sealer: Sealer, opener: Opener) -> None:
         self.sock = sock
+        ssl = sys.modules.get("ssl")  # imported only where TLS is used: it costs startup time
+        self._tls = ssl is not None and isinstance(sock, ssl.SSLSocket)
         self._sealer = sealer
         self._reader = FrameReader(opener)
         self._ready: deque[Message] = deque()
@@ -262,6 +265,11 @@ class BlockingChannel:
 
     def send(self, kind: int, body: Buffer = b"", buffers: Sequence[AnyBuffer] = ()) -> None:
         """Write one message, blocking until it is all written (one syscall when small)."""
+        if self._tls:  # TLS sockets have no sendmsg: one buffer at a time.
+            for piece in message_pieces(kind, body, buffers):
+                for buf in self._sealer.frame(piece):
+                    self.sock.sendall(buf)
+            return
         if not buffers:
             frame = self._sealer.frame(message_head(kind, body))
             sent = self.sock.sendmsg(frame)

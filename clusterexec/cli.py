@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from clusterexec import node, nodeset
 from clusterexec.errors import ClusterError
@@ -23,6 +23,9 @@ from clusterexec.probe import DEFAULT_TIMEOUT, probe_all
 from clusterexec.report import ClusterReport, NodeReport
 from clusterexec.shell import NodeOutcome, run_command
 from clusterexec.specs import DEFAULT_PORT, NodeAddress, SshSpec, parse_address, resolve_nodes
+
+if TYPE_CHECKING:
+    import ssl
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 WATCH_INTERVAL = 2.0
@@ -55,6 +58,32 @@ def _targets(args: argparse.Namespace) -> tuple[list[NodeAddress | SshSpec], byt
         if value is not None and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be more than 0 seconds")
     return nodes, key
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client TLS context of ``--tls-ca``/``--tls-cert``/``--tls-key``, or None (no TLS).
+
+    As the executor's ``ssl_context=``: the node's certificate is checked against ``--tls-ca``
+    (else the system's CAs) and its host name; ``--tls-cert`` is this client's certificate, for
+    a node started with ``--tls-ca``. Raises UsageError for an unreadable file."""
+    if not (args.tls_ca or args.tls_cert):
+        if args.tls_key:
+            raise UsageError("--tls-key needs --tls-cert (the client certificate it belongs to)")
+        return None
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=args.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot use --tls-ca {args.tls_ca}: {exc}; give a PEM file of CA certificates") from None
+    if args.tls_cert:
+        try:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"cannot use --tls-cert {args.tls_cert}: {exc}; give a PEM certificate and its key (--tls-key)"
+            ) from None
+    return context
 
 
 def _tcp_only(nodes: Sequence[NodeAddress | SshSpec]) -> list[NodeAddress]:
@@ -107,15 +136,16 @@ NUMERIC = {"WORKERS", "BUSY", "TASKS"}
 def _status(args: argparse.Namespace) -> int:
     nodes, key = _targets(args)
     addresses = _tcp_only(nodes)
+    tls = _tls_context(args)
     if args.watch is None:
-        report = probe_all(addresses, key, args.timeout)
+        report = probe_all(addresses, key, args.timeout, tls)
         _print_status(report, args.json)
         return EXIT_OK if report.all_up else EXIT_FAILED
     clear = sys.stdout.isatty() and not args.json
     try:
         while True:
             started = time.monotonic()
-            report = probe_all(addresses, key, args.timeout)
+            report = probe_all(addresses, key, args.timeout, tls)
             if clear:
                 sys.stdout.write("\033[H\033[2J")
             _print_status(report, args.json, watching=args.watch)
@@ -196,7 +226,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("give the command after --, as in: clusterexec run NODES -- COMMAND [ARGS...]")
     command = " ".join(args.words)  # as ssh does: the words, joined, are run by the node's /bin/sh
     nodes, key = _targets(args)
-    done = run_command(nodes, key, command, args.timeout, args.connect_timeout)
+    done = run_command(nodes, key, command, args.timeout, args.connect_timeout, _tls_context(args))
     if args.json:
         print(json.dumps({"command": command, "ok": done.ok, "nodes": [o.as_dict() for o in done.outcomes]}))
     else:
@@ -303,6 +333,7 @@ examples:
   clusterexec status 'green[36-39]' gpu01:16000 -k secret.key
   clusterexec status 'green[36-39]' -k secret.key --json | jq '.nodes[] | select(.up | not)'
   clusterexec status 'green[36-39]' -k secret.key --watch 5      # Ctrl-C to stop
+  clusterexec status 'green[36-39]' -k secret.key --tls-ca ca.pem  # nodes run with --tls-cert
 
 exit status: 0 if every node is up, 1 if any is down, 2 for a usage error"""
 
@@ -333,6 +364,10 @@ def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_PORT,
         help=f"port of nodes named without one (default: {DEFAULT_PORT})",
     )
+    tls = parser.add_argument_group("TLS, for nodes started with --tls-cert")
+    tls.add_argument("--tls-ca", metavar="FILE", help="speak TLS; trust node certificates signed by FILE (PEM)")
+    tls.add_argument("--tls-cert", metavar="FILE", help="speak TLS, with this client certificate (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="private key of --tls-cert (default: in the certificate file)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,7 +68,8 @@ class LinkState(enum.Enum):
 
 
 class SessionRequest:
-    """What the client asks of every node session: workers, initializer, heartbeats."""
+    """What the client asks of every node session: workers, initializer, heartbeats, and the
+    compression codec (each link names its own, see :attr:`NodeLink.compression`)."""
 
     def __init__(
         self,
@@ -84,7 +85,7 @@ class SessionRequest:
         self.heartbeat_interval = heartbeat_interval
         self.init = init
 
-    def message(self, workers: int | None) -> tuple[bytes, list[object]]:
+    def message(self, workers: int | None, compression: str | None = None) -> tuple[bytes, list[object]]:
         """The SESSION message body and buffers for one node."""
         body = pack_json(
             {
@@ -92,6 +93,7 @@ class SessionRequest:
                 "max_tasks_per_child": self.max_tasks_per_child,
                 "heartbeat_interval": self.heartbeat_interval,
                 "output": self.output,
+                "compression": compression,
             }
         )
         buffers: list[object] = []
@@ -113,8 +115,12 @@ class NodeLink:
         max_frame: int = DEFAULT_MAX_FRAME,
         name: str | None = None,
         tls: ssl.SSLContext | None = None,
+        compression: str | None = None,
     ) -> None:
         self.tls = tls
+        # The codec asked of the node, and the one its WELCOME accepted (None: plain payloads).
+        self.compression = compression
+        self.codec: str | None = None
         self._tls_pending = False
         self.address = address
         self.name = name or str(address)
@@ -306,7 +312,7 @@ class NodeLink:
             assert keys is not None
             self.info = dict(keys.peer_info)
             self.channel = Channel(self.sock, keys.sealer(), keys.opener(), self.max_frame)
-            body, buffers = self._request.message(self._wanted_workers)
+            body, buffers = self._request.message(self._wanted_workers, self.compression)
             self.channel.send(SESSION, body, buffers)  # type: ignore[arg-type]
             self._set_state(LinkState.OPENING)
             leftover = self._records.leftover()
@@ -322,6 +328,9 @@ class NodeLink:
                 self.info.update(welcome)
                 workers = welcome.get("workers")
                 self.workers = workers if isinstance(workers, int) and workers > 0 else 1
+                # A node without the codec's module (or an older node) answers None: send it plain.
+                accepted = welcome.get("compression")
+                self.codec = accepted if accepted == self.compression else None
                 self.attempts = 0
                 self.error = None
                 self._set_state(LinkState.READY)

@@ -18,9 +18,9 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
-from pathlib import Path
 from typing import Any, TypeVar
 
+from clusterexec.compression import check_codec
 from clusterexec.connection import LinkState, NodeLink, SessionRequest
 from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
 from clusterexec.keys import resolve_key
@@ -33,6 +33,7 @@ from clusterexec.scheduler import Scheduler
 from clusterexec.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.shipping import ModuleCatalog, rerunning_main
 from clusterexec.specs import (
+    ALL_GROUP,
     DEFAULT_PORT,
     NodeAddress,
     SshSpec,
@@ -89,6 +90,10 @@ class ClusterExecutor(Executor):
     and raises if none can be used: :class:`~clusterexec.AuthenticationError` for a wrong key,
     :class:`~clusterexec.NodeUnreachableError` otherwise. Nodes that fail while others work are
     retried in the background. All methods are thread-safe.
+
+    ``compression`` ("zlib", "bz2" or "lzma"; None, the default, for none) compresses large
+    arguments, functions, shipped modules and results end to end between this process and the
+    workers, where it shrinks them; an SSH spec's ``compress=`` option overrides it per node.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class ClusterExecutor(Executor):
         forward_output: bool = True,
         output_prefix: str | None = "[{node}] ",
         mp_context: object = None,
+        compression: str | None = None,
     ) -> None:
         if rerunning_main():
             raise RuntimeError(
@@ -137,6 +143,7 @@ class ClusterExecutor(Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         if retries < 0:
             raise ValueError("retries must be 0 or more")
+        self._compression = check_codec(compression)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._functions: weakref.WeakKeyDictionary[Callable[..., Any], FunctionPayload] = weakref.WeakKeyDictionary()
@@ -148,13 +155,19 @@ class ClusterExecutor(Executor):
         init = (payload.body, payload.buffers)
         preload = preload + payload.modules
         request = SessionRequest(None, max_tasks_per_child, heartbeat_interval, init, output=forward_output)
-        if nodes is None and cluster_from_env():
-            nodes = Path(str(cluster_from_env()))
+        cluster = cluster_from_env()
+        if nodes is None and cluster:
+            # $CLUSTER names no group, so it means the whole cluster: every host (PEAK's `hosts`).
+            nodes = read_cluster_file(cluster, ALL_GROUP)
         if nodes is None:
             self._max_workers = max_workers or os.cpu_count() or 1
             local = LocalNode(self._max_workers)
             self._closers.append(local.stop)
-            links = [NodeLink(local.address, local.key, request, self._max_workers, connect_timeout)]
+            links = [
+                NodeLink(
+                    local.address, local.key, request, self._max_workers, connect_timeout, compression=self._compression
+                )
+            ]
         else:
             links = self._remote_links(resolve_nodes(nodes), key, key_file, max_workers, request, connect_timeout)
             for link in links:
@@ -204,9 +217,12 @@ class ClusterExecutor(Executor):
         for node, share in zip(nodes, shares, strict=True):
             if isinstance(node, SshSpec):
                 ssh = started[node]
-                links.append(NodeLink(ssh.address, ssh.key, request, share, connect_timeout, name=str(node)))
+                codec = self._compression if ssh.options.compress is None else check_codec(ssh.options.compress)
+                links.append(
+                    NodeLink(ssh.address, ssh.key, request, share, connect_timeout, name=str(node), compression=codec)
+                )
             else:
-                links.append(NodeLink(node, tcp_key, request, share, connect_timeout))
+                links.append(NodeLink(node, tcp_key, request, share, connect_timeout, compression=self._compression))
         return links
 
     def _start_ssh_nodes(
@@ -257,10 +273,16 @@ class ClusterExecutor(Executor):
         if isinstance(fn, types.FunctionType):
             cached = self._functions.get(fn)
             if cached is None:
-                cached = pickle_function(fn, self._catalog)
+                cached = self._compressed(pickle_function(fn, self._catalog))
                 self._functions[fn] = cached
             return cached
-        return pickle_function(fn, self._catalog)
+        return self._compressed(pickle_function(fn, self._catalog))
+
+    def _compressed(self, function: FunctionPayload) -> FunctionPayload:
+        # Compressed here, in the caller's thread, so the I/O thread finds it done.
+        if self._compression is not None:
+            function.payload.packed(self._compression)
+        return function
 
     def _pickled(self, fn: Callable[..., Any]) -> FunctionPayload | BaseException:
         """The callable's payload, or the error pickling it raised (set on the future, as PPE does)."""
@@ -292,6 +314,8 @@ class ClusterExecutor(Executor):
             return future
         try:
             payload = make_payload()
+            if self._compression is not None:
+                payload.packed(self._compression)  # here, not in the I/O thread
         except (Exception, SystemExit) as exc:  # a __reduce__ calling sys.exit() is the task's error
             _note(exc, "the arguments of this task could not be pickled")
             future.set_exception(exc)

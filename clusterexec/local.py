@@ -44,6 +44,9 @@ class LocalNode:
             "--workers",
             str(workers),
             "--exit-with-stdin",
+            # The node's stderr is this process's: its own session lines would only be noise here.
+            "--log-level",
+            "WARNING",
         ]
         ready_r, ready_w = os.pipe()
         try:

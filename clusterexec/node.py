@@ -160,19 +160,20 @@ class Node(NodeHost):
             "tasks_run": self.tasks_run,
         }
 
-    def fork_worker(self, sock: socket.socket, output: list[int]) -> int:
-        """Fork a worker serving ``sock``; the child never returns from here."""
+    def fork_worker(self, sock: socket.socket, output: list[int], compression: str | None = None) -> int:
+        """Fork a worker serving ``sock`` (results compressed with ``compression``, if given);
+        the child never returns from here."""
         pid = os.fork()
         if pid:
             return pid
         try:
             for target, fd in zip((1, 2), output, strict=False):
                 os.dup2(fd, target)
-            self._become_worker(sock)
+            self._become_worker(sock, compression)
         finally:
             os._exit(1)
 
-    def _become_worker(self, sock: socket.socket) -> None:
+    def _become_worker(self, sock: socket.socket, compression: str | None) -> None:
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
@@ -183,7 +184,7 @@ class Node(NodeHost):
         keep = sock.fileno()
         os.closerange(3, keep)
         os.closerange(keep + 1, 1 << 16)
-        worker.main(sock)
+        worker.main(sock, compression)
 
     def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
         """Start reading a worker's channel (and output pipes) and tracking its pid."""
@@ -713,7 +714,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="CA bundle (PEM): require client certificates signed by it")
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default: WARNING)")
+    parser.add_argument(
+        "--log-level", default="INFO", help="logging level (default: INFO, one line per session start and end)"
+    )
     parser.add_argument("--quiet", action="store_true", help="log errors only (overrides --log-level)")
     parser.add_argument(
         "--print-systemd-unit",

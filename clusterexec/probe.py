@@ -12,9 +12,11 @@ import errno
 import platform
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from clusterexec._version import __version__
 from clusterexec.channel import BlockingChannel, ConnectionClosed
@@ -37,6 +39,13 @@ PROBE_THREADS = 256
 # How long past the probes' own deadlines probe_all waits (a name lookup cannot be timed out).
 GRACE = 0.5
 HANDSHAKE_SILENT = "no handshake: is a clusterexec node listening there?"
+# The first bytes of a TLS record (handshake or alert, version 3.x): what a TLS node may answer.
+TLS_RECORD_STARTS = (b"\x15\x03", b"\x16\x03")
+# A node with --tls-cert drops (usually resets) a connection that does not start with TLS.
+TLS_HINT = "; if the node runs with --tls-cert, probe it over TLS: pass --tls-ca"
+
+if TYPE_CHECKING:
+    import ssl
 
 
 class _Down(Exception):
@@ -47,23 +56,32 @@ class _Down(Exception):
         self.reason = reason
 
 
-def probe(address: NodeAddress, key: bytes | None, timeout: float = DEFAULT_TIMEOUT) -> NodeReport:
+def probe(
+    address: NodeAddress, key: bytes | None, timeout: float = DEFAULT_TIMEOUT, tls: ssl.SSLContext | None = None
+) -> NodeReport:
     """Ask one node for its health report: connect, handshake, STATUS, reply, close.
 
-    Blocks for at most about ``timeout`` seconds (plus a name lookup). Never raises for a
-    node that is down: the report says ``up=False`` and why (refused, timed out,
-    authentication failed...).
+    With ``tls`` (a client context, as the executor's ``ssl_context=``), the probe speaks TLS
+    first, for a node started with ``--tls-cert``. Blocks for at most about ``timeout``
+    seconds (plus a name lookup). Never raises for a node that is down: the report says
+    ``up=False`` and why (refused, timed out, authentication failed, TLS expected or not...).
     """
     deadline = time.monotonic() + timeout
     try:
-        info = _ask_status(address, key or b"", deadline)
+        info = _ask_status(address, key or b"", deadline, tls)
     except _Down as down:
         return NodeReport(str(address), False, down.reason)
     return report_from_status(str(address), info)
 
 
-def probe_all(addresses: Sequence[NodeAddress], key: bytes | None, timeout: float = DEFAULT_TIMEOUT) -> ClusterReport:
-    """Probe every node in parallel; reports come back in the order of ``addresses``.
+def probe_all(
+    addresses: Sequence[NodeAddress],
+    key: bytes | None,
+    timeout: float = DEFAULT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
+) -> ClusterReport:
+    """Probe every node in parallel (each as :func:`probe`, with ``tls`` if given); reports
+    come back in the order of ``addresses``.
 
     Up to :data:`PROBE_THREADS` nodes are answered within about one ``timeout``. A probe still
     running past its deadline (a name lookup that hangs) is reported as timed out and left to
@@ -80,7 +98,7 @@ def probe_all(addresses: Sequence[NodeAddress], key: bytes | None, timeout: floa
                 index = todo.get_nowait()
             except queue.Empty:
                 return
-            reports[index] = probe(addresses[index], key, timeout)
+            reports[index] = probe(addresses[index], key, timeout, tls)
 
     count = min(len(addresses), PROBE_THREADS)
     threads = [threading.Thread(target=work, name="clusterexec-probe", daemon=True) for _ in range(count)]
@@ -101,10 +119,12 @@ def probe_all(addresses: Sequence[NodeAddress], key: bytes | None, timeout: floa
 # --------------------------------------------------------------------------- one probe, step by step
 
 
-def _ask_status(address: NodeAddress, key: bytes, deadline: float) -> dict[str, object]:
+def _ask_status(address: NodeAddress, key: bytes, deadline: float, tls: ssl.SSLContext | None) -> dict[str, object]:
     sock = _connect(address, deadline)
     try:
-        keys, leftover = _handshake(sock, key, deadline)
+        if tls is not None:
+            sock = _start_tls(sock, tls, address, deadline)
+        keys, leftover = _handshake(sock, key, deadline, tls is not None)
         channel = BlockingChannel(sock, keys.sealer(), keys.opener())
         channel.feed_initial(leftover)
         _set_timeout(sock, deadline, "asking for the status")
@@ -165,7 +185,40 @@ def _connect(address: NodeAddress, deadline: float) -> socket.socket:
     return sock
 
 
-def _handshake(sock: socket.socket, key: bytes, deadline: float) -> tuple[SessionKeys, bytes]:
+def _start_tls(sock: socket.socket, tls: ssl.SSLContext, address: NodeAddress, deadline: float) -> socket.socket:
+    """The TLS handshake over a connected socket; the TLS socket, or _Down saying what to fix."""
+    import ssl
+
+    _set_timeout(sock, deadline, "TLS handshake")
+    try:
+        return tls.wrap_socket(sock, server_hostname=address.host)
+    except ssl.SSLCertVerificationError as exc:
+        raise _Down(
+            f"TLS: the node's certificate is not trusted ({exc.verify_message}); pass --tls-ca with the "
+            "CA (or the certificate) the node was started with"
+        ) from None
+    except TimeoutError:
+        raise _Down("timed out (TLS handshake): is the node started with --tls-cert?") from None
+    except (ssl.SSLError, ConnectionError) as exc:
+        raise _Down(
+            f"TLS handshake failed ({getattr(exc, 'reason', None) or exc}): the node does not speak TLS "
+            "(it does only with --tls-cert); probe it without --tls-ca"
+        ) from None
+
+
+def _tls_problem(exc: OSError) -> str | None:
+    """What a TLS error during our handshake means (the node checks client certificates then)."""
+    ssl = sys.modules.get("ssl")
+    if ssl is None or not isinstance(exc, ssl.SSLError):
+        return None
+    reason = getattr(exc, "reason", None) or str(exc)
+    hint = ""
+    if "CERTIFICATE" in reason.upper():
+        hint = "; the node asks for a client certificate (it runs with --tls-ca): pass --tls-cert and --tls-key"
+    return f"TLS error during the handshake ({reason}){hint}"
+
+
+def _handshake(sock: socket.socket, key: bytes, deadline: float, tls: bool = False) -> tuple[SessionKeys, bytes]:
     """Run the client side of the handshake; return the keys and any bytes read past it."""
     info = {"python": platform.python_version(), "clusterexec": __version__, "probe": True}
     handshake = ClientHandshake(key, info)
@@ -176,7 +229,9 @@ def _handshake(sock: socket.socket, key: bytes, deadline: float) -> tuple[Sessio
             _set_timeout(sock, deadline, HANDSHAKE_SILENT)
             data = sock.recv(8192)
             if not data:
-                raise _Down("closed the connection during the handshake")
+                raise _Down("closed the connection during the handshake" + ("" if tls else TLS_HINT))
+            if not tls and data[:2] in TLS_RECORD_STARTS:
+                raise _Down("the node speaks TLS (it runs with --tls-cert): pass --tls-ca to probe it over TLS")
             got = records.feed(data)
             if got:
                 break
@@ -196,6 +251,8 @@ def _handshake(sock: socket.socket, key: bytes, deadline: float) -> tuple[Sessio
     except ProtocolError as exc:
         raise _Down(f"not a clusterexec node? ({exc})") from None
     except OSError as exc:
-        raise _Down(f"connection lost during the handshake ({exc.strerror or exc})") from None
+        problem = _tls_problem(exc) if tls else None
+        hint = "" if tls else TLS_HINT
+        raise _Down(problem or f"connection lost during the handshake ({exc.strerror or exc}){hint}") from None
     assert handshake.keys is not None
     return handshake.keys, records.leftover()

@@ -22,6 +22,7 @@ from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import PENDING
 from typing import Any
 
+from clusterexec.compression import pack, unpack
 from clusterexec.connection import LinkState, NodeLink
 from clusterexec.errors import BrokenCluster, ClusterError, NodeLostError, ProtocolError, RemoteError
 from clusterexec.output import OutputPrinter
@@ -421,9 +422,9 @@ class Scheduler:
         if task is None:
             return
         link.note_result(time.monotonic())
-        body = memoryview(message.body)[RESULT_HEAD.size :]
         try:
-            value, exception = decode_result(status, body, message.buffers, task_id, link.name)
+            body, buffers = unpack(memoryview(message.body)[RESULT_HEAD.size :], message.buffers)
+            value, exception = decode_result(status, body, buffers, task_id, link.name)
         except BaseException as exc:  # even SystemExit from a __reduce__ must not stop this thread
             error = ClusterError(
                 f"the result of task {task_id} from node {link.name} could not be unpickled here: {exc!r}; "
@@ -556,10 +557,13 @@ class Scheduler:
             link.functions.move_to_end(digest)
         else:
             self._evict_functions(link)
-            channel.send(FUNC, digest + function.payload.body, function.payload.buffers)
+            code = function.payload.packed(link.codec) if link.codec else function.payload
+            channel.send(FUNC, digest + code.body, code.buffers)
         link.function_refs[digest] = link.function_refs.get(digest, 0) + 1
         link.functions[digest] = function.payload.nbytes
-        channel.send(TASK, TASK_HEAD.pack(task.task_id, digest, task.flags) + task.payload.body, task.payload.buffers)
+        # Usually packed already, by the submitting thread (see ClusterExecutor._queue).
+        args = task.payload.packed(link.codec) if link.codec else task.payload
+        channel.send(TASK, TASK_HEAD.pack(task.task_id, digest, task.flags) + args.body, args.buffers)
         link.inflight[task.task_id] = task
         task.link = link
         return True
@@ -572,6 +576,8 @@ class Scheduler:
             return
         unique = list({m.digest: m for m in missing}.values())
         body, buffers = encode_sources(unique)
+        if link.codec:
+            body, buffers = pack(body, buffers, link.codec)
         assert link.channel is not None
         link.channel.send(MODULES, body, buffers)
         sent.update(m.digest for m in unique)

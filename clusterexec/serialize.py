@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from clusterexec.compression import pack
 from clusterexec.errors import RemoteError
 from clusterexec.shipping import ModuleCatalog, ModuleSource
 
@@ -49,6 +50,20 @@ class Payload:
     def nbytes(self) -> int:
         """Total size in bytes, buffers included."""
         return len(self.body) + sum(memoryview(b).nbytes for b in self.buffers)
+
+    def packed(self, codec: str) -> Payload:
+        """This payload as it travels with ``codec``: its pieces that shrink compressed (see
+        :mod:`clusterexec.compression`), or itself if none does.
+
+        Computed once per codec and kept (the last codec asked), so the caller's thread can
+        compress ahead and the I/O thread find it done. Blocks while the codec runs."""
+        cached = self.__dict__.get("_packed")
+        if cached is not None and cached[0] == codec:
+            return cached[1]
+        body, buffers = pack(self.body, self.buffers, codec)
+        packed = self if body is self.body else Payload(body, tuple(buffers), self.modules, self.by_value)
+        object.__setattr__(self, "_packed", (codec, packed))
+        return packed
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from clusterexec.channel import Channel
+from clusterexec.compression import codec_available
 from clusterexec.errors import ProtocolError
 from clusterexec.protocol import (
     BROKEN,
@@ -36,9 +37,11 @@ from clusterexec.protocol import (
     OUTPUT_HEAD,
     PING,
     RESULT,
+    RESULT_HEAD,
     SESSION,
     STARTED,
     STATUS,
+    STATUS_OK,
     STATUS_REPLY,
     STOP,
     TASK,
@@ -132,10 +135,13 @@ class Session:
         self.heartbeat_interval = 1.0
         self.next_heartbeat = 0.0
         self.tasks_done = 0
+        self.tasks_failed = 0
         self.tasks_crashed = 0
+        self.tasks_cancelled = 0
         self.opened = time.monotonic()
         self.paused = False
         self.forward_output = False
+        self.compression: str | None = None
 
     # ------------------------------------------------------------------ client side
 
@@ -189,6 +195,9 @@ class Session:
         interval = request.get("heartbeat_interval", 1.0)
         self.heartbeat_interval = float(interval) if isinstance(interval, (int, float)) else 1.0
         self.forward_output = request.get("output") is True
+        # The workers compress results only with a codec this node has; WELCOME tells the client.
+        codec = request.get("compression")
+        self.compression = codec if isinstance(codec, str) and codec_available(codec) else None
         if message.buffers:
             first = message.buffers[0]
             body = first.tobytes() if isinstance(first, ChunkedBuffer) else memoryview(first)
@@ -196,10 +205,12 @@ class Session:
         for _ in range(self.worker_count):
             self._spawn()
         self.state = SessionState.ACTIVE
-        self._to_client(WELCOME, pack_json({"workers": self.worker_count, **self.node.describe()}))
+        welcome = {"workers": self.worker_count, "compression": self.compression, **self.node.describe()}
+        self._to_client(WELCOME, pack_json(welcome))
         self.next_heartbeat = time.monotonic() + self.heartbeat_interval
         self.node.timer_at(self.next_heartbeat)
-        log.info("session from %s started with %d workers", self.peer, self.worker_count)
+        codec = f", {self.compression} compression" if self.compression else ""
+        log.info("session from %s started with %d workers%s", self.peer, self.worker_count, codec)
 
     def _cancel(self, ids: list[int]) -> None:
         wanted = set(ids)
@@ -212,6 +223,7 @@ class Session:
             else:
                 kept.append(message)
         self.queue = kept
+        self.tasks_cancelled += len(cancelled)
         done = set(cancelled)
         self._to_client(CANCELLED, pack_cancelled(cancelled, [i for i in ids if i not in done]))
 
@@ -270,7 +282,7 @@ class Session:
     def _spawn(self) -> None:
         parent, child = socket.socketpair()
         pipes = [os.pipe(), os.pipe()] if self.forward_output else []
-        pid = self.node.fork_worker(child, [w for _, w in pipes])
+        pid = self.node.fork_worker(child, [w for _, w in pipes], self.compression)
         child.close()
         for _, w in pipes:
             os.close(w)
@@ -310,7 +322,9 @@ class Session:
         if worker.output:
             # What the task printed goes out before its result.
             self.node.drain_output(self, worker)
-        (task_id,) = TASK_ID.unpack_from(message.body, 0)
+        if len(message.body) < RESULT_HEAD.size:
+            raise ProtocolError(f"worker {worker.pid} sent a RESULT shorter than its header")
+        task_id, status = RESULT_HEAD.unpack_from(message.body, 0)
         if not worker.outstanding or worker.outstanding[0][0] != task_id:
             raise ProtocolError(f"worker {worker.pid} answered for task {task_id} out of turn")
         worker.outstanding.popleft()
@@ -322,6 +336,8 @@ class Session:
         worker.short = now - worker.busy_since < SHORT_TASK
         worker.busy_since = now
         self.tasks_done += 1
+        if status != STATUS_OK:  # the status byte is the node's to read; the payload is not
+            self.tasks_failed += 1
         self.node.tasks_run += 1
         if self.state is SessionState.ACTIVE:
             self._to_client(RESULT, message.body, message.buffers)
@@ -415,15 +431,18 @@ class Session:
         self.queue.clear()
         self.functions.clear()
         self.stop_workers()
-        # A status probe never opens a session: not worth an INFO line.
+        # A status probe never opens a session: not worth an INFO line. The counts: tasks run to
+        # a result (of which failed: raised), crashed (their worker died), cancelled before start.
         log.log(
             logging.INFO if opened else logging.DEBUG,
-            "session from %s ended (%s): %d tasks done, %d crashed, %.1fs",
+            "session from %s ended (%s) after %.1fs: %d tasks run, %d failed, %d crashed, %d cancelled",
             self.peer,
             reason,
-            self.tasks_done,
-            self.tasks_crashed,
             time.monotonic() - self.opened,
+            self.tasks_done,
+            self.tasks_failed,
+            self.tasks_crashed,
+            self.tasks_cancelled,
         )
 
 
@@ -452,8 +471,9 @@ class NodeHost:
         """Facts about the node for the WELCOME message."""
         raise NotImplementedError
 
-    def fork_worker(self, sock: socket.socket, output: list[int]) -> int:
-        """Fork a worker process serving ``sock`` (stdout and stderr to ``output`` if given)."""
+    def fork_worker(self, sock: socket.socket, output: list[int], compression: str | None = None) -> int:
+        """Fork a worker process serving ``sock`` (stdout and stderr to ``output`` if given;
+        results compressed with ``compression``, if given)."""
         raise NotImplementedError
 
     def drain_output(self, session: Session, worker: WorkerProcess) -> None:

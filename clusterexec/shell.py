@@ -14,10 +14,14 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from clusterexec.errors import ClusterError, ConfigurationError
 from clusterexec.probe import DEFAULT_TIMEOUT, probe_all
 from clusterexec.specs import NodeAddress, SshSpec
+
+if TYPE_CHECKING:
+    import ssl
 
 # How long run_command waits for a node's result past the command's own time limit.
 RESULT_SLACK = 5.0
@@ -159,22 +163,23 @@ def run_command(
     command: str,
     timeout: float | None = None,
     connect_timeout: float = DEFAULT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
 ) -> CommandRun:
     """Run the shell ``command`` on every node in parallel; blocks until all have answered.
 
     TCP nodes are probed first, so a node that is down is reported with the same reason as
     ``clusterexec status`` and is not waited for. The others get one :func:`run_shell` task
     each through a :class:`~clusterexec.ClusterExecutor` (one worker per node, no retries).
-    ``timeout`` limits the command on each node. Raises ConfigurationError for specs the
-    executor does not accept.
+    ``timeout`` limits the command on each node; ``tls`` is the client TLS context for nodes
+    started with ``--tls-cert``. Raises ConfigurationError for specs the executor does not accept.
     """
     outcomes: dict[str, NodeOutcome] = {}
     tcp = [spec for spec in nodes if isinstance(spec, NodeAddress)]
-    for entry in probe_all(tcp, key, connect_timeout).nodes:
+    for entry in probe_all(tcp, key, connect_timeout, tls).nodes:
         if not entry.up:
             outcomes[entry.address] = NodeOutcome(entry.address, "down", problem=entry.reason)
     usable = [spec for spec in nodes if str(spec) not in outcomes]
-    abandoned = bool(usable) and _run_on(usable, key, command, timeout, connect_timeout, outcomes)
+    abandoned = bool(usable) and _run_on(usable, key, command, timeout, connect_timeout, outcomes, tls)
     ordered = [outcomes.pop(str(spec)) for spec in nodes if str(spec) in outcomes]
     return CommandRun(ordered + list(outcomes.values()), abandoned)
 
@@ -186,6 +191,7 @@ def _run_on(
     timeout: float | None,
     connect_timeout: float,
     outcomes: dict[str, NodeOutcome],
+    tls: ssl.SSLContext | None = None,
 ) -> bool:
     """Submit ``run_shell`` to every node and record the outcomes; True if one never answered."""
     from clusterexec.executor import ClusterExecutor  # here: a status probe starts faster without it
@@ -198,6 +204,7 @@ def _run_on(
             connect_timeout=connect_timeout,
             retries=0,
             forward_output=False,
+            ssl_context=tls,
         )
     except ConfigurationError:
         raise

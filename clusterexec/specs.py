@@ -180,7 +180,8 @@ def cluster_from_env() -> str | None:
     """The cluster file named by ``$CLUSTER``, or None when it is unset or empty.
 
     The executor uses it only when ``nodes`` is None: an explicit ``nodes=`` wins, then
-    ``$CLUSTER``, then local nodes.
+    ``$CLUSTER``, then local nodes. No group is named there, so the executor takes every host
+    of the file (:data:`ALL_GROUP`, PEAK's ``hosts``), not only those before the first ``GROUP:``.
     """
     return os.environ.get(CLUSTER_ENV) or None
 

@@ -30,13 +30,14 @@ from typing import Any
 import paramiko
 
 from clusterexec.bootstrap import command, startup_input
+from clusterexec.compression import check_codec
 from clusterexec.errors import AuthenticationError, ClusterError, ConfigurationError, HostKeyError, NodeUnreachableError
 from clusterexec.keys import new_key
 from clusterexec.specs import NodeAddress, SshSpec
 
 log = logging.getLogger("clusterexec.ssh")
 
-OPTIONS = ("python", "workers", "key_filename", "known_hosts", "accept_unknown_host", "connect_timeout")
+OPTIONS = ("python", "workers", "key_filename", "known_hosts", "accept_unknown_host", "connect_timeout", "compress")
 READY_LINE = re.compile(r"clusterexec node listening on (\S+):(\d+) \((\d+) workers\)")
 START_TIMEOUT = 60.0
 STOP_GRACE = 5.0
@@ -46,7 +47,8 @@ BUFFER = 65536
 
 @dataclass(frozen=True)
 class SshOptions:
-    """The ``opt=val`` options of an SSH spec, checked and typed."""
+    """The ``opt=val`` options of an SSH spec, checked and typed. ``compress`` is None when not
+    given, ``"none"`` when turned off (``compress=0``), else the codec (``compress=1`` is zlib)."""
 
     python: str = "python3"
     workers: int = 0
@@ -54,6 +56,7 @@ class SshOptions:
     known_hosts: str | None = None
     accept_unknown_host: bool = False
     connect_timeout: float = 10.0
+    compress: str | None = None
 
     @classmethod
     def from_spec(cls, spec: SshSpec, workers: int | None, connect_timeout: float) -> SshOptions:
@@ -85,7 +88,14 @@ class SshOptions:
         for name, path in paths.items():
             if path is not None and not os.path.isfile(path):
                 raise bad(name, "an existing file")
-        return cls(python, count, paths["key_filename"], paths["known_hosts"], accept in ("yes", "true", "1"), timeout)
+        compress = spec.option("compress")
+        if compress is not None:
+            try:
+                compress = check_codec(compress, "option compress") or "none"
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"SSH node {spec}: {exc}") from None
+        accepted = accept in ("yes", "true", "1")
+        return cls(python, count, paths["key_filename"], paths["known_hosts"], accepted, timeout, compress)
 
 
 class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
@@ -224,6 +234,7 @@ class SshNode:
     def _start(self) -> None:
         opts = self.options
         argv = ["--host", "127.0.0.1", "--port", "0", "--workers", str(opts.workers), "--exit-with-stdin"]
+        argv += ["--log-level", "WARNING"]  # its stderr becomes client warnings: no session lines there
         payload = startup_input(self.key, argv)
         try:
             channel = self._process = self._client.get_transport().open_session(timeout=opts.connect_timeout)

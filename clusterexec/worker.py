@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from clusterexec.channel import BlockingChannel, ConnectionClosed
+from clusterexec.compression import unpack
 from clusterexec.protocol import (
     FLAG_CHUNK,
     FORGET,
@@ -41,11 +42,15 @@ LOGGER = logging.getLogger("concurrent.futures")
 
 
 class Worker:
-    """One worker's state: its channel to the node and the functions it holds."""
+    """One worker's state: its channel to the node and the functions it holds.
 
-    def __init__(self, sock: socket.socket) -> None:
+    ``compression`` is the codec the session negotiated for results (None: results go plain);
+    what arrives compressed is decompressed whatever it is."""
+
+    def __init__(self, sock: socket.socket, compression: str | None = None) -> None:
         self.channel = BlockingChannel(sock, PlainSealer(), PlainOpener())
-        self.functions: dict[bytes, Message] = {}
+        self.compression = compression
+        self.functions: dict[bytes, tuple[Any, list[Any]]] = {}
         self.shipped = ShippedModules()
         self.shipped.install()
         self.init: Message | None = None
@@ -65,9 +70,9 @@ class Worker:
                         return 1
                 self.run_task(message)
             elif kind == MODULES:
-                self.shipped.add(message.body, message.buffers)
+                self.shipped.add(*unpack(message.body, message.buffers))
             elif kind == FUNC:
-                self.functions[bytes(message.body[:16])] = message
+                self.functions[bytes(message.body[:16])] = unpack(memoryview(message.body)[16:], message.buffers)
             elif kind == FORGET:
                 self.functions.pop(bytes(message.body[:16]), None)
             elif kind == INIT:
@@ -92,6 +97,8 @@ class Worker:
         """Run one task and send its RESULT message."""
         task_id, digest, flags = TASK_HEAD.unpack_from(message.body, 0)
         status, payload = self._call(digest, flags, message)
+        if self.compression is not None:
+            payload = payload.packed(self.compression)
         self.channel.send(RESULT, RESULT_HEAD.pack(task_id, status) + payload.body, payload.buffers)
 
     def _call(self, digest: bytes, flags: int, message: Message) -> tuple[int, Payload]:
@@ -99,8 +106,8 @@ class Worker:
             held = self.functions.get(digest)
             if held is None:
                 raise RuntimeError("clusterexec internal error: task refers to a function the worker does not hold")
-            fn = loads(memoryview(held.body)[16:], held.buffers)
-            args, kwargs = loads(memoryview(message.body)[TASK_HEAD.size :], message.buffers)
+            fn = loads(*held)
+            args, kwargs = loads(*unpack(memoryview(message.body)[TASK_HEAD.size :], message.buffers))
         except BaseException as exc:
             if hasattr(exc, "add_note"):
                 exc.add_note(
@@ -136,15 +143,16 @@ class Worker:
             return STATUS_ERROR, dumps_failure(exc)
 
 
-def main(sock: socket.socket) -> None:
-    """Entry point of a forked worker: serve, then exit without running the node's cleanup."""
+def main(sock: socket.socket, compression: str | None = None) -> None:
+    """Entry point of a forked worker: serve, then exit without running the node's cleanup.
+    ``compression``: the session's codec for results, or None."""
     try:
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     except (AttributeError, ValueError):
         pass
     status = 1
     try:
-        status = Worker(sock).serve()
+        status = Worker(sock, compression).serve()
     except BaseException:
         LOGGER.exception("clusterexec worker failed")
     finally:

@@ -83,6 +83,28 @@ def start_node(*args: str, env: dict[str, str] | None = None, timeout: float = 3
     raise RuntimeError(f"node did not start: {''.join(lines)}")
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any key variable, plus ``extra``; tests/ on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTEREXEC_KEY")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0, **kw: object
+) -> subprocess.CompletedProcess:
+    """Run ``python -m clusterexec ARGS`` and capture its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "clusterexec", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or clean_env(),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
 @pytest.fixture
 def key_file(tmp_path: Path) -> Path:
     """A fresh key file with mode 0600."""

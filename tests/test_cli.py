@@ -28,7 +28,7 @@ from pathlib import Path
 import helpers
 import psutil
 import pytest
-from conftest import TESTS, NodeProcess, wait_until
+from conftest import NodeProcess, clean_env, cli, wait_until
 
 from clusterexec import ClusterExecutor
 from clusterexec.cli import fold_nodes, format_duration
@@ -37,28 +37,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any key variable, plus ``extra``; tests/ on PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLUSTEREXEC_KEY")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
-
-
-def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0, **kw: object
-) -> subprocess.CompletedProcess:
-    """Run ``python -m clusterexec ARGS`` and capture its output as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "clusterexec", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env or clean_env(),
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 def free_port() -> int:
@@ -369,16 +347,22 @@ def test_print_systemd_unit_runs_the_same_node_at_boot(tmp_path: Path, key_file:
         process.communicate()
 
 
-def test_node_logs_one_info_line_per_session_start_and_end(
+def test_node_logs_one_line_per_session_start_and_end_at_its_default_level(
     node_factory: Callable[..., NodeProcess], key_file: Path
 ) -> None:
-    node = node_factory("--workers", "2", "--key-file", str(key_file), "--log-level", "INFO")
+    node = node_factory("--workers", "2", "--key-file", str(key_file))  # no --log-level
     log = NodeLog(node)
     with ClusterExecutor([node.address], key_file=key_file) as ex:
         assert list(ex.map(helpers.square, range(3))) == [0, 1, 4]
+        with pytest.raises(ValueError):
+            ex.submit(helpers.fail).result(timeout=10)
     started = log.wait_for(r"INFO session from (127\.0\.0\.1:\d+) started with 2 workers")
     peer = re.escape(started.group(1))
-    log.wait_for(rf"INFO session from {peer} ended \(client said goodbye\): 3 tasks done, 0 crashed")
+    log.wait_for(rf"INFO session from {peer} ended \(client said goodbye\) after [0-9.]+s: 4 tasks run, 1 failed")
+    node.stop()
+    lines = [line for line in log.drain() if "session from" in line]
+    assert len(lines) == 2, lines
+    assert re.search(r"4 tasks run, 1 failed, 0 crashed, 0 cancelled$", lines[1])
 
 
 def test_a_status_probe_logs_no_session_line(node_factory: Callable[..., NodeProcess], key_file: Path) -> None:

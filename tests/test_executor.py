@@ -20,7 +20,7 @@ import textwrap
 import threading
 import traceback
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -707,3 +707,19 @@ def test_cluster_file_and_cluster_env_var_name_the_nodes(
     with ClusterExecutor(key_file=key_file) as ex:
         assert [n.address for n in ex.nodes] == [node.address]
         assert ex.submit(helpers.square, 6).result(timeout=10) == 36
+
+
+@pytest.mark.timeout(30)
+def test_cluster_env_var_without_a_group_uses_every_host_of_the_file(
+    node_factory: Callable[..., NodeProcess], key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nodes = [node_factory("--workers", "1", "--key-file", str(key_file)) for _ in range(3)]
+    cluster = tmp_path / "cluster.conf"
+    cluster.write_text(
+        f"{nodes[0].address}\nGROUP:gpu\n{nodes[1].address}\nGROUP:cpu\n{nodes[2].address} {nodes[0].address}\n"
+    )
+    monkeypatch.setenv("CLUSTER", str(cluster))
+    with ClusterExecutor(key_file=key_file) as ex:
+        assert [n.address for n in ex.nodes] == [n.address for n in nodes]
+        pids = {ex.submit_to(n.address, helpers.pid).result(timeout=10) for n in nodes}
+        assert len(pids) == 3  # a task ran on each of the three nodes

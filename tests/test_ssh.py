@@ -19,8 +19,8 @@ from sshd import SSHD, SshServer, bare_python, start_sshd
 from clusterexec import AuthenticationError, ClusterError, ClusterExecutor, ConfigurationError, NodeUnreachableError
 from clusterexec.bootstrap import LOADER
 from clusterexec.errors import HostKeyError
-from clusterexec.specs import SshSpec
-from clusterexec.ssh import SshNode
+from clusterexec.specs import SshSpec, resolve_nodes
+from clusterexec.ssh import SshNode, SshOptions
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +175,22 @@ def test_an_unreachable_ssh_port_is_named(sshd: SshServer, remote_python: Path) 
         ("accept_unknown_host", "maybe"),
         ("key_filename", "/nonexistent/id_ed25519"),
         ("python", " "),
+        ("compress", "gzip"),
     ],
 )
 def test_bad_options_are_named_before_connecting(option: str, value: str) -> None:
     spec = SshSpec("192.0.2.1", "someone", 22, ((option, value),))  # TEST-NET: never contacted
     with pytest.raises(ConfigurationError, match=f"ssh://someone@192.0.2.1: option {option}="):
         SshNode(spec)
+
+
+@pytest.mark.parametrize(
+    ("value", "codec"), [("zlib", "zlib"), ("1", "zlib"), ("LZMA", "lzma"), ("bz2", "bz2"), ("0", "none")]
+)
+def test_the_compress_option_names_a_codec_as_easycluster_did(value: str, codec: str) -> None:
+    spec = resolve_nodes(f"alice@hpc01:compress={value}")[0]
+    assert isinstance(spec, SshSpec)
+    assert SshOptions.from_spec(spec, None, 10.0).compress == codec
 
 
 @pytest.mark.timeout(120)

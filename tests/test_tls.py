@@ -6,12 +6,13 @@ key handshake and the sealed frames, which stay on.
 
 from __future__ import annotations
 
+import json
 import ssl
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import NodeProcess
+from conftest import NodeProcess, cli
 
 from clusterexec import ClusterError, ClusterExecutor
 
@@ -85,3 +86,61 @@ def test_tls_ca_requires_client_certificates(
     known.load_cert_chain(str(client_cert), str(client_key))
     with ClusterExecutor([node.address], key_file=key_file, ssl_context=known) as ex:
         assert ex.submit(abs, -4).result(timeout=10) == 4
+
+
+# --------------------------------------------------------------------------- clusterexec status
+
+
+def status_of(*args: str) -> dict:
+    """``clusterexec status --json ARGS``: the one node's entry."""
+    done = cli("status", "--json", *args)
+    assert done.returncode in (0, 1), done.stderr
+    (entry,) = json.loads(done.stdout)["nodes"]
+    return entry
+
+
+@pytest.mark.timeout(60)
+def test_status_probes_a_tls_node_with_tls_ca(node_factory, key_file: Path, certs: tuple[Path, Path]) -> None:
+    cert, key = certs
+    node: NodeProcess = node_factory(
+        "--workers", "2", "--key-file", str(key_file), "--tls-cert", str(cert), "--tls-key", str(key)
+    )
+    entry = status_of(node.address, "-k", str(key_file), "--tls-ca", str(cert))
+    assert entry["up"] and entry["workers"] == 2
+    # Without TLS, the node drops the probe, which says which option to pass.
+    entry = status_of(node.address, "-k", str(key_file))
+    assert not entry["up"] and "--tls-ca" in entry["reason"]
+
+
+@pytest.mark.timeout(60)
+def test_status_over_tls_says_what_is_wrong(
+    node_factory, key_file: Path, certs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = certs
+    plain: NodeProcess = node_factory("--workers", "1", "--key-file", str(key_file))
+    entry = status_of(plain.address, "-k", str(key_file), "--tls-ca", str(cert))
+    assert not entry["up"] and "does not speak TLS" in entry["reason"]
+    assert status_of(plain.address, "-k", str(key_file))["up"]  # the node is still fine
+
+    other, _ = make_cert(tmp_path, "other")
+    tls: NodeProcess = node_factory("--key-file", str(key_file), "--tls-cert", str(cert), "--tls-key", str(key))
+    entry = status_of(tls.address, "-k", str(key_file), "--tls-ca", str(other))
+    assert not entry["up"] and "not trusted" in entry["reason"]
+
+    done = cli("status", tls.address, "-k", str(key_file), "--tls-ca", str(tmp_path / "missing.pem"))
+    assert done.returncode == 2 and "cannot use --tls-ca" in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_status_presents_a_client_certificate_to_a_node_with_tls_ca(
+    node_factory, key_file: Path, certs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = certs
+    client_cert, client_key = make_cert(tmp_path, "client")
+    node: NodeProcess = node_factory(
+        "--key-file", str(key_file), "--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(client_cert)
+    )
+    entry = status_of(node.address, "-k", str(key_file), "--tls-ca", str(cert))
+    assert not entry["up"] and "--tls-cert" in entry["reason"]
+    tls_args = ["--tls-ca", str(cert), "--tls-cert", str(client_cert), "--tls-key", str(client_key)]
+    assert status_of(node.address, "-k", str(key_file), *tls_args)["up"]
