@@ -177,7 +177,7 @@ def test_program_exits_promptly_after_kill_workers(tmp_path: Path) -> None:
     script.write_text(
         textwrap.dedent(
             f"""
-            import os, sys
+            import sys
             sys.path.insert(0, {str(TESTS)!r})
             import helpers
             from clusterexec import ClusterExecutor
