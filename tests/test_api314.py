@@ -26,6 +26,8 @@ import pytest
 from conftest import TESTS, NodeProcess, wait_until
 
 from clusterexec import ClusterExecutor, WorkerStoppedError
+from clusterexec.keys import resolve_key
+from clusterexec.protocol import CANCEL, SESSION, SIGNAL_HEAD, SIGNAL_WORKERS, STATUS, WORKERS_KILL
 
 # --------------------------------------------------------------------------- helpers
 
@@ -101,6 +103,23 @@ def test_terminate_workers_fails_running_tasks_cancels_the_rest_and_spares_the_n
     finally:
         first.shutdown(wait=True)
         second.shutdown(wait=True)
+
+
+def test_terminate_workers_reaches_every_node(node_factory, key_file: Path, tmp_path: Path) -> None:
+    nodes = [node_factory("--workers", "1", "--key-file", str(key_file)) for _ in range(2)]
+    with ClusterExecutor([n.address for n in nodes], key_file=key_file) as ex:
+        release = str(tmp_path / "release")
+        futures = {
+            n.address: ex.submit_to(n.address, helpers.announce_then_block, str(tmp_path / f"started{i}"), release)
+            for i, n in enumerate(nodes)
+        }
+        pids = {started_pid(tmp_path / f"started{i}") for i in range(len(nodes))}
+        ex.terminate_workers()
+        for address, future in futures.items():
+            with pytest.raises(WorkerStoppedError, match=rf"on node {address}: .*terminate_workers\(\)"):
+                future.result(timeout=30)
+        wait_until(lambda: gone(pids), timeout=30, what="both nodes' workers to be gone")
+    assert all(n.process.poll() is None for n in nodes)
 
 
 def test_kill_workers_kills_a_task_that_ignores_sigterm(node_factory, key_file: Path, tmp_path: Path) -> None:
@@ -203,6 +222,24 @@ def test_program_exits_promptly_after_kill_workers(tmp_path: Path) -> None:
     assert elapsed < 30  # the task would block for 60 s; the kill ends it at once
     worker = int((tmp_path / "started").read_text())
     wait_until(lambda: gone({worker}), timeout=30, what="the local node's worker to be gone")
+
+
+def test_signal_workers_is_kind_10_and_a_bad_one_closes_only_its_session(node_factory, key_file: Path) -> None:
+    from test_security import RawClient
+
+    assert SIGNAL_WORKERS == 10
+    assert SIGNAL_WORKERS not in (SESSION, CANCEL, STATUS)
+    node = node_factory("--workers", "1", "--key-file", str(key_file))
+    with ClusterExecutor([node.address], key_file=key_file) as ex:
+        key = resolve_key(key_file=key_file)
+        assert key is not None
+        with RawClient((node.host, node.port)) as bad:
+            bad.handshake(key)
+            bad.open_session(workers=1)
+            bad.send(SIGNAL_WORKERS, SIGNAL_HEAD.pack(WORKERS_KILL + 40))  # no such signal kind
+            assert bad.closed_by_peer()
+        assert ex.submit(helpers.square, 5).result(timeout=30) == 25
+    assert node.process.poll() is None
 
 
 # --------------------------------------------------------------------------- map: 3.14's argument errors
