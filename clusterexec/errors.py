@@ -42,7 +42,7 @@ class NodeLostError(ClusterError):
     """A task's node was lost (connection closed or heartbeats stopped) too many times."""
 
 
-def _broken_pool_errors() -> tuple[type, type]:
+def _broken_pool_errors() -> tuple[type, type, type]:
     # concurrent.futures.process pulls in multiprocessing: a fifth of a node's start-up. The
     # node never raises these two, so they are made on first use (module __getattr__ below).
     from concurrent.futures.process import BrokenProcessPool
@@ -56,10 +56,16 @@ def _broken_pool_errors() -> tuple[type, type]:
         Only that task fails; the node starts a replacement worker and the executor goes on.
         """
 
-    for cls in (BrokenCluster, WorkerCrashedError):
+    class WorkerStoppedError(WorkerCrashedError):
+        """A task was running when ``terminate_workers()`` or ``kill_workers()`` stopped its worker.
+
+        The executor is shut down; no replacement worker is started.
+        """
+
+    for cls in (BrokenCluster, WorkerCrashedError, WorkerStoppedError):
         cls.__module__ = __name__
         cls.__qualname__ = cls.__name__
-    return BrokenCluster, WorkerCrashedError
+    return BrokenCluster, WorkerCrashedError, WorkerStoppedError
 
 
 if TYPE_CHECKING:
@@ -71,12 +77,15 @@ if TYPE_CHECKING:
     class WorkerCrashedError(ClusterError, BrokenProcessPool):
         """The worker process running a task died (signal, ``os._exit``, out of memory)."""
 
+    class WorkerStoppedError(WorkerCrashedError):
+        """A task was running when ``terminate_workers()`` or ``kill_workers()`` stopped its worker."""
+
 else:
 
     def __getattr__(name: str) -> Any:
-        if name in ("BrokenCluster", "WorkerCrashedError"):
-            broken, crashed = _broken_pool_errors()
-            globals().update(BrokenCluster=broken, WorkerCrashedError=crashed)
+        if name in ("BrokenCluster", "WorkerCrashedError", "WorkerStoppedError"):
+            broken, crashed, stopped = _broken_pool_errors()
+            globals().update(BrokenCluster=broken, WorkerCrashedError=crashed, WorkerStoppedError=stopped)
             return globals()[name]
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

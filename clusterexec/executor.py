@@ -27,7 +27,7 @@ from clusterexec.keys import resolve_key
 from clusterexec.local import LocalNode
 from clusterexec.mainscript import prepare_worker
 from clusterexec.output import OutputPrinter
-from clusterexec.protocol import FLAG_CHUNK
+from clusterexec.protocol import FLAG_CHUNK, WORKERS_KILL, WORKERS_TERMINATE
 from clusterexec.report import ClusterReport, ClusterStats, NodeReport, NodeStatus, report_from_status
 from clusterexec.scheduler import Scheduler
 from clusterexec.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
@@ -345,17 +345,20 @@ class ClusterExecutor(Executor):
     ) -> Iterator[T]:
         """Return an iterator of ``fn(*args)`` over zipped ``iterables``, in order.
 
-        As ``ProcessPoolExecutor.map``: the input is consumed at once unless ``buffersize`` is
-        given (then at most that many tasks are in flight); ``chunksize`` groups items into one
-        task; the iterator raises the first failing item's exception at that item, and
-        TimeoutError if ``timeout`` seconds pass from the call.
+        As ``ProcessPoolExecutor.map`` of Python 3.14: the input is consumed at once unless
+        ``buffersize`` is given; then ``buffersize`` tasks (chunks, with ``chunksize`` > 1) are
+        submitted at the call, and each time the iterator resumes it submits one more before
+        waiting for the next result. ``chunksize`` groups items into one task; the iterator
+        raises the first failing item's exception at that item, and TimeoutError if ``timeout``
+        seconds pass from the call. The argument checks and their messages are 3.14's, in its
+        order (``chunksize`` first).
         """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
         if buffersize is not None and not isinstance(buffersize, int):
             raise TypeError("buffersize must be an integer or None")
         if buffersize is not None and buffersize < 1:
-            raise ValueError("buffersize must be None or > 0")
-        if chunksize < 1:
-            raise ValueError("chunksize must be >= 1.")
+            raise ValueError("buffersize must be None or >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
         with self._shutdown_lock:
             self._check_open()
@@ -453,6 +456,35 @@ class ClusterExecutor(Executor):
         self._scheduler.stop()
         if wait:
             self._scheduler.join()
+
+    def terminate_workers(self) -> None:
+        """Shut down at once and send SIGTERM to every worker process of this executor, on every node.
+
+        As ``ProcessPoolExecutor.terminate_workers()`` (Python 3.14): it does what
+        ``shutdown(wait=False, cancel_futures=True)`` does, then signals the workers. Tasks that
+        had not started are cancelled; each running task fails with
+        :class:`~clusterexec.WorkerStoppedError` (a ``BrokenProcessPool``), unless it finished
+        first. A worker still alive 2 s after SIGTERM is killed by its node. The nodes stay up
+        and go on serving their other clients. Returns at once; the program can exit at once
+        (at most a few seconds for the nodes' reports). ``submit`` raises RuntimeError afterwards;
+        ``shutdown()`` is harmless. Thread-safe.
+        """
+        self._stop_workers(WORKERS_TERMINATE)
+
+    def kill_workers(self) -> None:
+        """Shut down at once and send SIGKILL to every worker process of this executor, on every node.
+
+        As ``ProcessPoolExecutor.kill_workers()`` (Python 3.14), and as :meth:`terminate_workers`
+        but with SIGKILL, which a task cannot catch or ignore. Thread-safe; returns at once.
+        """
+        self._stop_workers(WORKERS_KILL)
+
+    def _stop_workers(self, how: int) -> None:
+        # shutdown(wait=False, cancel_futures=True) and the signal in one request to the I/O
+        # thread: were they two, it could close a link between them and the node never hear it.
+        with self._shutdown_lock:
+            self._shutdown = True
+        self._scheduler.stop_workers(how)
 
 
 def _results(

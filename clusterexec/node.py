@@ -196,6 +196,25 @@ class Node(NodeHost):
             os.set_blocking(pipe, False)
             self.poller.register(pipe, EVENT_READ, self._output_reader(session, worker, stream))
 
+    def signal_workers(self, session: Session, signum: int, grace: float) -> None:
+        """Send ``signum`` to every live worker process of ``session`` (retiring ones too).
+
+        Those still alive ``grace`` seconds later get SIGKILL: a task that ignores SIGTERM cannot
+        keep a session's process alive. Their channels stay watched, so a result sent before the
+        signal is still forwarded, and :meth:`_reap` reports each exit to the session."""
+        deadline = time.monotonic() + grace
+        for pid, (owner, process) in list(self.worker_pids.items()):
+            if owner is not session:
+                continue
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                continue
+            if signum != signal.SIGKILL and pid not in self.dying:
+                process.kill_deadline = deadline
+                self.dying[pid] = process
+                self.timer_at(deadline)
+
     def _output_reader(self, session: Session, worker: WorkerProcess, stream: int) -> Callable[[int, int], None]:
         def on_output(fd: int, events: int) -> None:
             self._read_output(session, worker, stream, fd)

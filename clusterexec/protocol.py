@@ -77,6 +77,7 @@ TASK_HEAD = struct.Struct("!Q16sB")
 RESULT_HEAD = struct.Struct("!QB")
 OUTPUT_HEAD = struct.Struct("!BI")  # stream (1 stdout, 2 stderr), worker pid
 TASK_ID = struct.Struct("!Q")
+SIGNAL_HEAD = struct.Struct("!B")  # how to stop the session's workers: WORKERS_TERMINATE or WORKERS_KILL
 
 # Message kinds, client to node.
 SESSION = 1
@@ -88,6 +89,7 @@ BYE = 6
 PING = 7
 MODULES = 8
 STATUS = 9
+SIGNAL_WORKERS = 10  # terminate_workers()/kill_workers(): signal every worker of the session
 # Node to client.
 WELCOME = 20
 STARTED = 21
@@ -106,6 +108,9 @@ INIT_FAILED = 42
 
 # TASK flags.
 FLAG_CHUNK = 1
+# SIGNAL_WORKERS: which signal the node sends (named, not a number: signal numbers are the node's).
+WORKERS_TERMINATE = 1  # SIGTERM, as Process.terminate()
+WORKERS_KILL = 2  # SIGKILL, as Process.kill()
 # RESULT status.
 STATUS_OK = 0
 STATUS_ERROR = 1

@@ -24,7 +24,14 @@ from typing import Any
 
 from clusterexec.compression import pack, unpack
 from clusterexec.connection import LinkState, NodeLink
-from clusterexec.errors import BrokenCluster, ClusterError, NodeLostError, ProtocolError, RemoteError
+from clusterexec.errors import (
+    BrokenCluster,
+    ClusterError,
+    NodeLostError,
+    ProtocolError,
+    RemoteError,
+    WorkerStoppedError,
+)
 from clusterexec.output import OutputPrinter
 from clusterexec.poller import EVENT_READ, EVENT_WRITE, Poller
 from clusterexec.protocol import (
@@ -40,12 +47,16 @@ from clusterexec.protocol import (
     OUTPUT_HEAD,
     RESULT,
     RESULT_HEAD,
+    SIGNAL_HEAD,
+    SIGNAL_WORKERS,
     STARTED,
     STATUS,
     STATUS_REPLY,
     TASK,
     TASK_HEAD,
     TASK_ID,
+    WORKERS_KILL,
+    WORKERS_TERMINATE,
     Message,
     pack_ids,
     unpack_cancelled,
@@ -65,6 +76,11 @@ log = logging.getLogger("clusterexec")
 MAX_FUNCTIONS = 256
 MAX_FUNCTION_BYTES = 1 << 30
 CANCEL_TIMEOUT = 10.0
+# After terminate_workers()/kill_workers(), how long the nodes have to report the tasks their
+# workers were running (a node SIGKILLs a worker that outlives SIGTERM after 2 s): a node that
+# stays silent must not keep the program from exiting.
+STOP_REPORT_TIMEOUT = 5.0
+STOP_METHODS = {WORKERS_TERMINATE: "terminate_workers()", WORKERS_KILL: "kill_workers()"}
 
 
 class Scheduler:
@@ -103,6 +119,10 @@ class Scheduler:
         self._wake_lock = threading.Lock()
         self._wake_pending = False
         self._stop = False
+        # Set once terminate_workers()/kill_workers() is handled: the method's name, and when
+        # tasks still in flight stop waiting for their node's report.
+        self._stopped_by = ""
+        self._stop_deadline = 0.0
         self.broken: BrokenCluster | None = None
         self.first_round = threading.Event()
         self.first_outcome: list[tuple[bool, ClusterError | None]] = []
@@ -153,6 +173,16 @@ class Scheduler:
     def cancel_pending(self) -> None:
         """Cancel every task that has not started (``shutdown(cancel_futures=True)``). Thread-safe."""
         self._requests.append(("cancel_pending", None))
+        self._wake()
+
+    def stop_workers(self, how: int) -> None:
+        """``terminate_workers()``/``kill_workers()``: cancel every task that has not started, stop,
+        and have every node signal this executor's workers (``how`` is WORKERS_TERMINATE or
+        WORKERS_KILL). Thread-safe; returns at once.
+
+        One request, so the I/O thread queues the signal request on each link before it can
+        close that link: the node always hears it."""
+        self._requests.append(("stop_workers", how))
         self._wake()
 
     def node_status(self, link: NodeLink, timeout: float) -> dict[str, Any] | None:
@@ -284,6 +314,8 @@ class Scheduler:
                 self._cancel(list(self._tasks.values()), None)
             elif kind == "stop":
                 self._stop = True
+            elif kind == "stop_workers":
+                self._stop_workers(arg)
             elif kind == "status":
                 link, reply = arg
                 if link.state is LinkState.READY and link.channel is not None:
@@ -303,6 +335,11 @@ class Scheduler:
 
     def _timers(self, now: float) -> float:
         timeout = 1.0
+        if self._stopped_by:
+            if now >= self._stop_deadline:
+                self._abandon_in_flight()
+            else:
+                timeout = min(timeout, self._stop_deadline - now)
         for link in self.links:
             link.check_deadline(now)
             if (
@@ -512,10 +549,53 @@ class Scheduler:
             if task is not None:
                 self._answer(task, False)
 
+    # ------------------------------------------------------------------ stopping the workers
+
+    def _stop_workers(self, how: int) -> None:
+        """Cancel what has not been sent, stop, and ask every connected node to signal this
+        executor's workers. Tasks in flight end as their node reports them: cancelled if they
+        had not started, their result if they finished first, WorkerStoppedError otherwise."""
+        first = not self._stopped_by
+        self._stopped_by = STOP_METHODS.get(how, "terminate_workers()")
+        self._stop = True
+        self._timers_due = 0.0
+        if first:
+            self._stop_deadline = time.monotonic() + STOP_REPORT_TIMEOUT
+        for task in list(self._tasks.values()):
+            if task.state is TaskState.QUEUED:
+                if cancel_and_notify(task.future):
+                    self._drop(task)
+                else:  # requeued after its node was lost: it may have started there
+                    reason = "it was waiting to be sent again after its node was lost"
+                    self._fail(task, self._stopped_error(task, reason))
+        self._queue.clear()
+        for link in self.links:
+            link.pinned.clear()
+            if link.state is LinkState.READY and link.channel is not None:
+                # Queued on the channel ahead of BYE, which _finish sends: the node hears it first.
+                link.channel.send(SIGNAL_WORKERS, SIGNAL_HEAD.pack(how))
+
+    def _stopped_error(self, task: Task, reason: str) -> WorkerStoppedError:
+        node = task.link.name if task.link is not None else "(none)"
+        return WorkerStoppedError(
+            f"task {task.task_id} on node {node}: {self._stopped_by} was called while it was in flight, "
+            f"and {reason}, so whether it ran is unknown. The executor is shut down; to run the task again, "
+            "submit it to a new executor."
+        )
+
+    def _abandon_in_flight(self) -> None:
+        """The nodes did not report every task in time after the workers were signalled."""
+        for task in list(self._tasks.values()):
+            self._fail(
+                task, self._stopped_error(task, f"its node did not report its outcome within {STOP_REPORT_TIMEOUT:g}s")
+            )
+
     # ------------------------------------------------------------------ dispatch
 
     def _dispatch(self) -> None:
         """Fill every ready link: first one task per free worker, round robin, then prefetch."""
+        if self._stopped_by:
+            return  # nothing is sent once the workers are stopped
         queue = self._queue
         if not queue and not any(link.pinned for link in self.links):
             return
@@ -611,6 +691,10 @@ class Scheduler:
         link.inflight.clear()
         link.functions.clear()
         link.function_refs.clear()
+        if self._stopped_by:
+            for task in tasks:
+                self._fail(task, self._stopped_error(task, f"node {link.name} was lost ({link.error})"))
+            return
         for task in tasks:
             task.link = None
             task.attempts += 1

@@ -288,8 +288,15 @@ def crash_error(task_id: int, node: str, info: dict[str, Any]) -> WorkerCrashedE
     hint = ""
     if "SIGKILL" in str(status):
         hint = " (killed by SIGKILL: likely out of memory, the kernel's OOM killer sends SIGKILL)"
-    from clusterexec.errors import WorkerCrashedError
+    from clusterexec.errors import WorkerCrashedError, WorkerStoppedError
 
+    stopped_by = info.get("stopped_by")
+    if stopped_by:
+        return WorkerStoppedError(
+            f"task {task_id} on node {node}: its worker process (pid {info.get('pid')}) was stopped by "
+            f"{stopped_by} while running it ({status}). The executor is shut down; to run the task "
+            "again, submit it to a new executor."
+        )
     return WorkerCrashedError(
         f"task {task_id} on node {node}: its worker process (pid {info.get('pid')}) died, {status}{hint}{memory}. "
         "Only this task failed; the node started a replacement worker."

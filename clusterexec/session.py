@@ -39,6 +39,8 @@ from clusterexec.protocol import (
     RESULT,
     RESULT_HEAD,
     SESSION,
+    SIGNAL_HEAD,
+    SIGNAL_WORKERS,
     STARTED,
     STATUS,
     STATUS_OK,
@@ -48,6 +50,8 @@ from clusterexec.protocol import (
     TASK_HEAD,
     TASK_ID,
     WELCOME,
+    WORKERS_KILL,
+    WORKERS_TERMINATE,
     AnyBuffer,
     Buffer,
     ChunkedBuffer,
@@ -72,6 +76,11 @@ PIPELINE = 4
 STARTED_DELAY = 0.001
 SHORT_TASK = 0.001
 KILL_GRACE = 2.0
+# What SIGNAL_WORKERS asks for: the signal sent, and the client method named in reports.
+WORKER_SIGNALS = {
+    WORKERS_TERMINATE: (signal.SIGTERM, "terminate_workers()"),
+    WORKERS_KILL: (signal.SIGKILL, "kill_workers()"),
+}
 
 
 class SessionState(enum.Enum):
@@ -79,6 +88,7 @@ class SessionState(enum.Enum):
 
     WAITING = "waiting for the session request"
     ACTIVE = "active"
+    HALTED = "workers stopped by the client"
     BROKEN = "broken"
     CLOSED = "closed"
 
@@ -89,6 +99,7 @@ class WorkerState(enum.Enum):
     RUNNING = "running"
     RETIRING = "retiring"
     KILLED = "killed"
+    SIGNALLED = "signalled at the client's request"
     DEAD = "dead"
 
 
@@ -142,6 +153,7 @@ class Session:
         self.paused = False
         self.forward_output = False
         self.compression: str | None = None
+        self.stopped_by = ""
 
     # ------------------------------------------------------------------ client side
 
@@ -158,6 +170,10 @@ class Session:
             if kind == TASK:
                 if len(message.body) < TASK_HEAD.size:
                     raise ProtocolError("TASK message is shorter than its header")
+                if self.state is SessionState.HALTED:
+                    # No task starts once the client has stopped its workers.
+                    self._to_client(CANCELLED, pack_cancelled([TASK_ID.unpack_from(message.body, 0)[0]], []))
+                    continue
                 self.queue.append(message)
             elif kind == FUNC:
                 if len(message.body) < 16:
@@ -175,6 +191,8 @@ class Session:
                 self._open(message)
             elif kind == STATUS:
                 self._to_client(STATUS_REPLY, pack_json(self.node.status()))
+            elif kind == SIGNAL_WORKERS:
+                self._signal_workers(message.body)
             elif kind == BYE:
                 self.close("client said goodbye")
                 return
@@ -226,6 +244,32 @@ class Session:
         self.tasks_cancelled += len(cancelled)
         done = set(cancelled)
         self._to_client(CANCELLED, pack_cancelled(cancelled, [i for i in ids if i not in done]))
+
+    def _signal_workers(self, body: Buffer) -> None:
+        """The client called terminate_workers() or kill_workers(): start no more tasks, cancel
+        the queued ones, and signal every worker process of this session.
+
+        Workers stay watched until they are reaped, so a result sent before the signal still
+        reaches the client; each task a worker was running is then reported CRASHED, naming
+        the method, and the tasks sent ahead to it are reported CANCELLED. Nothing is respawned.
+        """
+        if len(body) < SIGNAL_HEAD.size:
+            raise ProtocolError("SIGNAL_WORKERS message is shorter than its header")
+        (how,) = SIGNAL_HEAD.unpack_from(body, 0)
+        if how not in WORKER_SIGNALS:
+            raise ProtocolError(f"SIGNAL_WORKERS asks for unknown signal kind {how}")
+        if self.state not in (SessionState.ACTIVE, SessionState.HALTED):
+            return  # no session yet, or its workers are already stopped (broken, closed)
+        signum, self.stopped_by = WORKER_SIGNALS[how]
+        self.state = SessionState.HALTED
+        cancelled = [TASK_ID.unpack_from(message.body, 0)[0] for message in self.queue]
+        self.queue.clear()
+        for worker in self.workers:
+            worker.state = WorkerState.SIGNALLED
+        self.node.signal_workers(self, signum, KILL_GRACE)
+        if cancelled:
+            self._to_client(CANCELLED, pack_cancelled(cancelled, []))
+        log.info("session from %s: %s called; %d workers signalled", self.peer, self.stopped_by, len(self.workers))
 
     def _forget(self, digest: bytes) -> None:
         self.functions.pop(digest, None)
@@ -339,7 +383,7 @@ class Session:
         if status != STATUS_OK:  # the status byte is the node's to read; the payload is not
             self.tasks_failed += 1
         self.node.tasks_run += 1
-        if self.state is SessionState.ACTIVE:
+        if self.state in (SessionState.ACTIVE, SessionState.HALTED):
             self._to_client(RESULT, message.body, message.buffers)
 
     def _retire_spent(self, worker: WorkerProcess) -> None:
@@ -360,9 +404,13 @@ class Session:
     def on_worker_exit(self, worker: WorkerProcess, status: int, maxrss_kb: int) -> None:
         """A worker process was reaped: fail its running task, requeue the rest, replace it."""
         planned = worker.state in (WorkerState.RETIRING, WorkerState.KILLED)
+        signalled = worker.state is WorkerState.SIGNALLED
         worker.state = WorkerState.DEAD
         if worker in self.workers:
             self.workers.remove(worker)
+        if signalled and self.state is SessionState.HALTED:
+            self._report_signalled(worker, status, maxrss_kb)
+            return
         if planned or self.state is not SessionState.ACTIVE:
             return
         description = describe_status(status)
@@ -384,6 +432,24 @@ class Session:
             log.warning("worker %d of session %s died (%s) while idle", worker.pid, self.peer, description)
         self._spawn()
         self.dispatch()
+
+    def _report_signalled(self, worker: WorkerProcess, status: int, maxrss_kb: int) -> None:
+        """A worker signalled at the client's request is gone: its running task failed, the
+        tasks sent ahead to it never started."""
+        if not worker.outstanding:
+            return
+        running, _ = worker.outstanding.popleft()
+        info = {
+            "pid": worker.pid,
+            "status": describe_status(status),
+            "exitcode": os.waitstatus_to_exitcode(status),
+            "maxrss_kb": maxrss_kb,
+            "stopped_by": self.stopped_by,
+        }
+        self._to_client(CRASHED, TASK_ID.pack(running) + pack_json(info))
+        if worker.outstanding:
+            self._to_client(CANCELLED, pack_cancelled([task_id for task_id, _ in worker.outstanding], []))
+            worker.outstanding.clear()
 
     def _requeue(self, worker: WorkerProcess) -> None:
         # Tasks sent ahead to the dead worker had not started: back to the queue front, in order.
@@ -408,7 +474,7 @@ class Session:
                 self._to_client(STARTED, pack_ids(list(self.started)))
                 self.started.clear()
             self.started_due = 0.0
-        if self.state in (SessionState.ACTIVE, SessionState.BROKEN) and now >= self.next_heartbeat:
+        if self.state in (SessionState.ACTIVE, SessionState.HALTED, SessionState.BROKEN) and now >= self.next_heartbeat:
             self._to_client(HEARTBEAT)
             self.next_heartbeat = now + self.heartbeat_interval
         if self.started_due:
@@ -482,6 +548,11 @@ class NodeHost:
 
     def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
         """Start reading a worker's channel."""
+        raise NotImplementedError
+
+    def signal_workers(self, session: Session, signum: int, grace: float) -> None:
+        """Send ``signum`` to every live worker process of ``session``; SIGKILL those still
+        alive ``grace`` seconds later. Their channels stay watched until they are reaped."""
         raise NotImplementedError
 
     def retire_worker(self, worker: WorkerProcess, kill: bool = False) -> None:

@@ -168,3 +168,30 @@ class LockedError(Exception):
 
 def raise_locked_error(message: str) -> None:
     raise LockedError(message)
+
+
+# --------------------------------------------------------------------------- terminate_workers / kill_workers
+
+
+def announce_then_block(started: str, release: str) -> int:
+    """Write this worker's pid to ``started`` (atomically), then block until ``release`` exists."""
+    with open(started + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(started + ".tmp", started)
+    wait_for_file(release, timeout=60.0)
+    return os.getpid()
+
+
+def ignore_sigterm_then_block(started: str, release: str) -> int:
+    """As :func:`announce_then_block`, in a worker that ignores SIGTERM."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return announce_then_block(started, release)
+
+
+def gate_first(release: str, x: int) -> int:
+    """Return ``x``; item 0 first waits until ``release`` exists."""
+    if x == 0:
+        wait_for_file(release, timeout=60.0)
+    return x
