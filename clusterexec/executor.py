@@ -435,7 +435,11 @@ def _results(
     end_time: float | None,
     chunked: bool,
 ) -> Iterator[Any]:
-    """The iterator behind ``map``: refills the window, yields in order, cancels on exit."""
+    """The iterator behind ``map``: refills the window, yields in order, cancels on exit.
+
+    No local of this generator holds a result while it is suspended at a ``yield`` (CPython
+    issue #14406): a large result is freed as soon as the caller drops it.
+    """
     try:
         while futures:
             if source is not None and executor_ref() is not None:
@@ -445,19 +449,16 @@ def _results(
                     source = None
                 else:
                     futures.append(queue(item))
-            future = futures.popleft()
-            if end_time is None:
-                value = future.result()
-            else:
-                value = future.result(end_time - time.monotonic())
-            del future
             if not chunked:
-                yield value
-            elif isinstance(value, ChunkFailure):
-                yield from value.results
-                raise value.exception
-            else:
-                yield from value
+                yield _result_of(futures.popleft(), end_time)
+                continue
+            chunk = _result_of(futures.popleft(), end_time)
+            if isinstance(chunk, ChunkFailure):
+                results, exception = chunk.results, chunk.exception
+                del chunk
+                yield from _drain(results)
+                raise exception
+            yield from _drain(chunk)
     finally:
         if futures:
             executor = executor_ref()
@@ -467,6 +468,26 @@ def _results(
             else:
                 for future in futures:
                     cancel_and_notify(future)
+
+
+def _result_of(future: TaskFuture, end_time: float | None) -> Any:
+    """The future's result within the map's deadline; the future is not kept, and is
+    cancelled if waiting for it fails (a timeout), as CPython's ``_result_or_cancel`` does."""
+    try:
+        try:
+            return future.result(None if end_time is None else end_time - time.monotonic())
+        except BaseException:
+            future.cancel()
+            raise
+    finally:
+        del future
+
+
+def _drain(results: list[Any]) -> Iterator[Any]:
+    """Yield a chunk's results in order, letting go of each one as it is yielded."""
+    results.reverse()
+    while results:
+        yield results.pop()
 
 
 def _node_report(link: NodeLink, info: dict[str, Any] | None) -> NodeReport:
