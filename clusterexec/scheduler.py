@@ -2,7 +2,8 @@
 
 One thread owns every node link, the queue and the completion of futures; user threads only
 append to ``_new`` or ``_requests`` and poke a wakeup socket (at most one byte per batch).
-Tasks move QUEUED -> SENT -> STARTED -> DONE; a task SENT to a node but not started can be
+Tasks move QUEUED -> SENT -> STARTED -> DONE; a task handed to an idle worker is STARTED (and its
+future running) as it is sent. A task SENT ahead of the free workers but not started can be
 cancelled, which takes a round trip to the node. A lost node's tasks go back to the queue,
 up to ``retries`` times.
 """
@@ -280,6 +281,9 @@ class Scheduler:
             elif kind == "cancel_many":
                 self._cancel(arg, None)
             elif kind == "cancel_pending":
+                # As ProcessPoolExecutor's manager thread fills its call queue before it acts on
+                # shutdown: idle workers get their tasks first (those run), then the rest is cancelled.
+                self._dispatch(prefetch=False)
                 self._cancel(list(self._tasks.values()), None)
             elif kind == "stop":
                 self._stop = True
@@ -510,8 +514,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _dispatch(self) -> None:
-        """Fill every ready link: first one task per free worker, round robin, then prefetch."""
+    def _dispatch(self, prefetch: bool = True) -> None:
+        """Fill every ready link: first one task per free worker, round robin, then (with
+        ``prefetch``) the tasks sent ahead."""
         queue = self._queue
         if not queue and not any(link.pinned for link in self.links):
             return
@@ -524,12 +529,12 @@ class Scheduler:
         queue = self._queue
         if not queue:
             return
-        for prefetch in (False, True):
+        for ahead in (False, True) if prefetch else (False,):
             progress = True
             while queue and progress:
                 progress = False
                 for link in ready:
-                    if queue and len(link.inflight) < (link.capacity() if prefetch else link.workers):
+                    if queue and len(link.inflight) < (link.capacity() if ahead else link.workers):
                         self._send(link, queue.popleft())
                         progress = True
 
@@ -540,6 +545,13 @@ class Scheduler:
                 self._drop(task)
                 return False
             task.state = TaskState.SENT
+            if len(link.inflight) < link.workers:
+                # Handed to an idle worker: running from now on, as ProcessPoolExecutor marks the
+                # calls it moves to its call queue. Neither cancel() nor shutdown(cancel_futures=True)
+                # takes it back; only tasks sent ahead of the free workers stay cancellable.
+                task.state = TaskState.STARTED
+                if future._state == PENDING:
+                    future.set_running_or_notify_cancel()
         channel = link.channel
         assert channel is not None
         function = task.function
