@@ -24,7 +24,7 @@ from clusterexec.connection import LinkState, NodeLink, SessionRequest
 from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
 from clusterexec.keys import resolve_key
 from clusterexec.local import LocalNode
-from clusterexec.output import OutputPrinter
+from clusterexec.output import OutputPrinter, PrefixChoice, resolve_prefix
 from clusterexec.protocol import FLAG_CHUNK
 from clusterexec.report import ClusterReport, ClusterStats, NodeReport, NodeStatus, report_from_status
 from clusterexec.scheduler import Scheduler
@@ -84,6 +84,11 @@ class ClusterExecutor(Executor):
     and raises if none can be used: :class:`~clusterexec.AuthenticationError` for a wrong key,
     :class:`~clusterexec.NodeUnreachableError` otherwise. Nodes that fail while others work are
     retried in the background. All methods are thread-safe.
+
+    What tasks print reaches this process's stdout and stderr (``forward_output``), line by
+    line, each line prefixed by ``output_prefix`` (``{node}`` and ``{pid}`` are filled in; None
+    for no prefix). By default the local default prints no prefix, exactly as
+    ``ProcessPoolExecutor``, and named nodes print ``[host:port] ``.
     """
 
     def __init__(
@@ -105,7 +110,7 @@ class ClusterExecutor(Executor):
         auto_modules: bool = True,
         ssl_context: ssl.SSLContext | None = None,
         forward_output: bool = True,
-        output_prefix: str | None = "[{node}] ",
+        output_prefix: str | None | PrefixChoice = PrefixChoice.BY_NODES,
         mp_context: object = None,
     ) -> None:
         if rerunning_main():
@@ -164,7 +169,7 @@ class ClusterExecutor(Executor):
             reconnect_window=reconnect_window,
             closers=self._closers,
             preload=preload,
-            output=OutputPrinter(output_prefix) if forward_output else None,
+            output=OutputPrinter(resolve_prefix(output_prefix, nodes is None)) if forward_output else None,
         )
         self._scheduler.start()
         _live.add(self._scheduler)
