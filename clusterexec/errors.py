@@ -42,7 +42,7 @@ class NodeLostError(ClusterError):
     """A task's node was lost (connection closed or heartbeats stopped) too many times."""
 
 
-def _broken_pool_errors() -> tuple[type, type]:
+def _broken_pool_errors() -> tuple[type, type, type]:
     # concurrent.futures.process pulls in multiprocessing: a fifth of a node's start-up. The
     # node never raises these two, so they are made on first use (module __getattr__ below).
     from concurrent.futures.process import BrokenProcessPool
@@ -56,10 +56,18 @@ def _broken_pool_errors() -> tuple[type, type]:
         Only that task fails; the node starts a replacement worker and the executor goes on.
         """
 
-    for cls in (BrokenCluster, WorkerCrashedError):
+    class TaskUnpicklingError(ClusterError, BrokenProcessPool):
+        """A task's function or arguments could not be unpickled on its worker, or its result on
+        the client: the unpickling raised, or called ``sys.exit()``.
+
+        Only that task fails, as if its worker had died; the pool goes on. ``__cause__`` (or the
+        remote traceback) is what the unpickling raised.
+        """
+
+    for cls in (BrokenCluster, WorkerCrashedError, TaskUnpicklingError):
         cls.__module__ = __name__
         cls.__qualname__ = cls.__name__
-    return BrokenCluster, WorkerCrashedError
+    return BrokenCluster, WorkerCrashedError, TaskUnpicklingError
 
 
 if TYPE_CHECKING:
@@ -71,12 +79,15 @@ if TYPE_CHECKING:
     class WorkerCrashedError(ClusterError, BrokenProcessPool):
         """The worker process running a task died (signal, ``os._exit``, out of memory)."""
 
+    class TaskUnpicklingError(ClusterError, BrokenProcessPool):
+        """A task's function, arguments or result could not be unpickled where it arrived."""
+
 else:
 
     def __getattr__(name: str) -> Any:
-        if name in ("BrokenCluster", "WorkerCrashedError"):
-            broken, crashed = _broken_pool_errors()
-            globals().update(BrokenCluster=broken, WorkerCrashedError=crashed)
+        if name in ("BrokenCluster", "WorkerCrashedError", "TaskUnpicklingError"):
+            broken, crashed, unpickling = _broken_pool_errors()
+            globals().update(BrokenCluster=broken, WorkerCrashedError=crashed, TaskUnpicklingError=unpickling)
             return globals()[name]
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

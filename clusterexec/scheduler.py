@@ -56,11 +56,12 @@ from clusterexec.protocol import (
     CANCELLED as CANCELLED_KIND,
 )
 from clusterexec.report import ClusterStats, NodeStats
-from clusterexec.serialize import crash_error, decode_result
+from clusterexec.serialize import crash_error, decode_result, unpickling_error
 from clusterexec.shipping import ModuleSource, encode_sources
 from clusterexec.tasks import Reply, Task, TaskFuture, TaskState, cancel_and_notify
 
 log = logging.getLogger("clusterexec")
+INITIALIZER_LOG = logging.getLogger("concurrent.futures")
 
 MAX_FUNCTIONS = 256
 MAX_FUNCTION_BYTES = 1 << 30
@@ -429,12 +430,15 @@ class Scheduler:
         try:
             value, exception = decode_result(status, body, message.buffers, task_id, link.name)
         except BaseException as exc:  # even SystemExit from a __reduce__ must not stop this thread
-            error = ClusterError(
-                f"the result of task {task_id} from node {link.name} could not be unpickled here: {exc!r}; "
-                "make sure the classes it holds can be imported on the client"
+            value = None
+            exception = unpickling_error(
+                task_id,
+                "on the client",
+                f"its result from node {link.name}",
+                exc,
+                "Make sure the classes it holds can be imported here, and that their "
+                "__reduce__/__setstate__ do not fail.",
             )
-            error.__cause__ = exc
-            value, exception = None, error
         self._finish_task(task, value, exception)
 
     def _finish_task(self, task: Task, value: object = None, exception: BaseException | None = None) -> None:

@@ -34,7 +34,15 @@ from clusterexec.protocol import (
     PlainSealer,
     pack_json,
 )
-from clusterexec.serialize import Payload, capture_exception, dumps, dumps_failure, dumps_result, loads
+from clusterexec.serialize import (
+    Payload,
+    capture_exception,
+    dumps,
+    dumps_failure,
+    dumps_result,
+    loads,
+    unpickling_error,
+)
 from clusterexec.shipping import ShippedModules
 
 LOGGER = logging.getLogger("concurrent.futures")
@@ -91,23 +99,26 @@ class Worker:
     def run_task(self, message: Message) -> None:
         """Run one task and send its RESULT message."""
         task_id, digest, flags = TASK_HEAD.unpack_from(message.body, 0)
-        status, payload = self._call(digest, flags, message)
+        status, payload = self._call(task_id, digest, flags, message)
         self.channel.send(RESULT, RESULT_HEAD.pack(task_id, status) + payload.body, payload.buffers)
 
-    def _call(self, digest: bytes, flags: int, message: Message) -> tuple[int, Payload]:
+    def _call(self, task_id: int, digest: bytes, flags: int, message: Message) -> tuple[int, Payload]:
         try:
             held = self.functions.get(digest)
             if held is None:
                 raise RuntimeError("clusterexec internal error: task refers to a function the worker does not hold")
             fn = loads(memoryview(held.body)[16:], held.buffers)
             args, kwargs = loads(memoryview(message.body)[TASK_HEAD.size :], message.buffers)
-        except BaseException as exc:
-            if hasattr(exc, "add_note"):
-                exc.add_note(
-                    "while loading the task's function and arguments on the worker: the modules they "
-                    "need must be installed on the node or shipped (ClusterExecutor(modules=[...]))"
-                )
-            return STATUS_ERROR, dumps_failure(exc)
+        except BaseException as exc:  # even SystemExit from a __reduce__ fails this task alone
+            error = unpickling_error(
+                task_id,
+                "on the worker",
+                "its function or arguments",
+                exc,
+                "The modules they need must be installed on the node or shipped "
+                "(ClusterExecutor(modules=[...])), and their __reduce__/__setstate__ must not fail.",
+            )
+            return STATUS_ERROR, dumps_failure(error)
         if flags & FLAG_CHUNK:
             return self._call_chunk(fn, args[0])
         try:
