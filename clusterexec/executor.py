@@ -417,6 +417,13 @@ class ClusterExecutor(Executor):
             thread.join(timeout + 1.0)
         return ClusterReport([results.get(link.name) or _node_report(link, None) for link in links])
 
+    @property
+    def _broken(self) -> str | bool:
+        """Why the executor is broken, or False: ``ProcessPoolExecutor``'s and
+        ``ThreadPoolExecutor``'s private flag, kept for code that polls it."""
+        broken = self._scheduler.broken
+        return str(broken) if broken is not None else False
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; with ``wait``, block until pending tasks are done and nodes closed.
 

@@ -396,6 +396,12 @@ class Scheduler:
                     self._finish_task(task, exception=crash_error(task_id, link.name, info))
             elif kind == BROKEN:
                 reason = unpack_json(message.body)
+                if self.broken is None:
+                    # Where ProcessPoolExecutor's worker logs it: code that watches this logger
+                    # for a failed initializer sees ours too.
+                    INITIALIZER_LOG.critical(
+                        "Exception in initializer on node %s:\n%s", link.name, reason.get("error", "")
+                    )
                 self._break(
                     BrokenCluster(
                         f"the initializer failed on node {link.name}, so the executor cannot run tasks; "

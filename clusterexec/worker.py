@@ -85,12 +85,13 @@ class Worker:
                 return 0
 
     def run_initializer(self, message: Message) -> bool:
-        """Run the session's initializer; on failure log it, tell the node, return False."""
+        """Run the session's initializer; on failure tell the node (and so the client), return False."""
         try:
             initializer, initargs = loads(message.body, message.buffers)
             initializer(*initargs)
         except BaseException as exc:
-            LOGGER.critical("Exception in initializer:", exc_info=True)
+            # Logged by the client (on its "concurrent.futures" logger, as ProcessPoolExecutor
+            # logs it), where the user's logging configuration is: not here as well.
             failure = capture_exception(exc)
             self.channel.send(INIT_FAILED, pack_json({"error": failure.text, "type": failure.type_name}))
             return False
