@@ -281,7 +281,8 @@ def crash_error(task_id: int, node: str, info: dict[str, Any]) -> WorkerCrashedE
 def unpickling_error(task_id: int, where: str, what: str, exc: BaseException, advice: str) -> TaskUnpicklingError:
     """The error for a task whose ``what`` (its function and arguments, or its result) raised
     ``exc`` while being unpickled ``where``: a ``BrokenProcessPool``, as ProcessPoolExecutor
-    reports it, that fails this task alone. ``exc`` becomes its ``__cause__``."""
+    reports it, that fails this task alone. ``exc`` becomes its ``__cause__``, and its notes
+    (a shipped module's name, for one) are copied."""
     from clusterexec.errors import TaskUnpicklingError
 
     error = TaskUnpicklingError(
@@ -289,4 +290,7 @@ def unpickling_error(task_id: int, where: str, what: str, exc: BaseException, ad
         f"Only this task failed; the executor goes on. {advice}"
     )
     error.__cause__ = exc
+    for note in getattr(exc, "__notes__", ()):  # what shipping said about the module, for one
+        if hasattr(error, "add_note"):
+            error.add_note(str(note))
     return error
