@@ -26,7 +26,7 @@ from clusterexec.errors import (
 _logging.getLogger("clusterexec").addHandler(_logging.NullHandler())
 
 if TYPE_CHECKING:
-    from clusterexec.errors import BrokenCluster, WorkerCrashedError, WorkerStoppedError
+    from clusterexec.errors import BrokenCluster, TaskUnpicklingError, WorkerCrashedError, WorkerStoppedError
     from clusterexec.executor import ClusterExecutor
 
 
@@ -35,7 +35,7 @@ def __getattr__(name: str) -> Any:
         from clusterexec.executor import ClusterExecutor
 
         return ClusterExecutor
-    if name in ("BrokenCluster", "WorkerCrashedError", "WorkerStoppedError"):
+    if name in ("BrokenCluster", "WorkerCrashedError", "WorkerStoppedError", "TaskUnpicklingError"):
         from clusterexec import errors
 
         return getattr(errors, name)
@@ -53,6 +53,7 @@ __all__ = [
     "NodeUnreachableError",
     "ProtocolError",
     "RemoteError",
+    "TaskUnpicklingError",
     "VersionMismatchError",
     "WorkerCrashedError",
     "WorkerStoppedError",

@@ -42,7 +42,7 @@ class NodeLostError(ClusterError):
     """A task's node was lost (connection closed or heartbeats stopped) too many times."""
 
 
-def _broken_pool_errors() -> tuple[type, type, type]:
+def _broken_pool_errors() -> tuple[type, type, type, type]:
     # concurrent.futures.process pulls in multiprocessing: a fifth of a node's start-up. The
     # node never raises these two, so they are made on first use (module __getattr__ below).
     from concurrent.futures.process import BrokenProcessPool
@@ -62,10 +62,18 @@ def _broken_pool_errors() -> tuple[type, type, type]:
         The executor is shut down; no replacement worker is started.
         """
 
-    for cls in (BrokenCluster, WorkerCrashedError, WorkerStoppedError):
+    class TaskUnpicklingError(ClusterError, BrokenProcessPool):
+        """A task's function or arguments could not be unpickled on its worker, or its result on
+        the client: the unpickling raised, or called ``sys.exit()``.
+
+        Only that task fails, as if its worker had died; the pool goes on. ``__cause__`` (or the
+        remote traceback) is what the unpickling raised.
+        """
+
+    for cls in (BrokenCluster, WorkerCrashedError, WorkerStoppedError, TaskUnpicklingError):
         cls.__module__ = __name__
         cls.__qualname__ = cls.__name__
-    return BrokenCluster, WorkerCrashedError, WorkerStoppedError
+    return BrokenCluster, WorkerCrashedError, WorkerStoppedError, TaskUnpicklingError
 
 
 if TYPE_CHECKING:
@@ -80,12 +88,20 @@ if TYPE_CHECKING:
     class WorkerStoppedError(WorkerCrashedError):
         """A task was running when ``terminate_workers()`` or ``kill_workers()`` stopped its worker."""
 
+    class TaskUnpicklingError(ClusterError, BrokenProcessPool):
+        """A task's function, arguments or result could not be unpickled where it arrived."""
+
 else:
 
     def __getattr__(name: str) -> Any:
-        if name in ("BrokenCluster", "WorkerCrashedError", "WorkerStoppedError"):
-            broken, crashed, stopped = _broken_pool_errors()
-            globals().update(BrokenCluster=broken, WorkerCrashedError=crashed, WorkerStoppedError=stopped)
+        if name in ("BrokenCluster", "WorkerCrashedError", "WorkerStoppedError", "TaskUnpicklingError"):
+            broken, crashed, stopped, unpickling = _broken_pool_errors()
+            globals().update(
+                BrokenCluster=broken,
+                WorkerCrashedError=crashed,
+                WorkerStoppedError=stopped,
+                TaskUnpicklingError=unpickling,
+            )
             return globals()[name]
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

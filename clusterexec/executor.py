@@ -26,7 +26,7 @@ from clusterexec.errors import AuthenticationError, BrokenCluster, Configuration
 from clusterexec.keys import resolve_key
 from clusterexec.local import LocalNode
 from clusterexec.mainscript import prepare_worker
-from clusterexec.output import OutputPrinter
+from clusterexec.output import OutputPrinter, PrefixChoice, resolve_prefix
 from clusterexec.protocol import FLAG_CHUNK, WORKERS_KILL, WORKERS_TERMINATE
 from clusterexec.report import ClusterReport, ClusterStats, NodeReport, NodeStatus, report_from_status
 from clusterexec.scheduler import Scheduler
@@ -94,6 +94,11 @@ class ClusterExecutor(Executor):
     ``compression`` ("zlib", "bz2" or "lzma"; None, the default, for none) compresses large
     arguments, functions, shipped modules and results end to end between this process and the
     workers, where it shrinks them; an SSH spec's ``compress=`` option overrides it per node.
+
+    What tasks print reaches this process's stdout and stderr (``forward_output``), line by
+    line, each line prefixed by ``output_prefix`` (``{node}`` and ``{pid}`` are filled in; None
+    for no prefix). By default the local default prints no prefix, exactly as
+    ``ProcessPoolExecutor``, and named nodes print ``[host:port] ``.
     """
 
     def __init__(
@@ -115,7 +120,7 @@ class ClusterExecutor(Executor):
         auto_modules: bool = True,
         ssl_context: ssl.SSLContext | None = None,
         forward_output: bool = True,
-        output_prefix: str | None = "[{node}] ",
+        output_prefix: str | None | PrefixChoice = PrefixChoice.BY_NODES,
         mp_context: object = None,
         compression: str | None = None,
     ) -> None:
@@ -181,7 +186,7 @@ class ClusterExecutor(Executor):
             reconnect_window=reconnect_window,
             closers=self._closers,
             preload=preload,
-            output=OutputPrinter(output_prefix) if forward_output else None,
+            output=OutputPrinter(resolve_prefix(output_prefix, nodes is None)) if forward_output else None,
         )
         self._scheduler.start()
         _live.add(self._scheduler)
@@ -443,6 +448,13 @@ class ClusterExecutor(Executor):
             thread.join(timeout + 1.0)
         return ClusterReport([results.get(link.name) or _node_report(link, None) for link in links])
 
+    @property
+    def _broken(self) -> str | bool:
+        """Why the executor is broken, or False: ``ProcessPoolExecutor``'s and
+        ``ThreadPoolExecutor``'s private flag, kept for code that polls it."""
+        broken = self._scheduler.broken
+        return str(broken) if broken is not None else False
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; with ``wait``, block until pending tasks are done and nodes closed.
 
@@ -495,7 +507,11 @@ def _results(
     end_time: float | None,
     chunked: bool,
 ) -> Iterator[Any]:
-    """The iterator behind ``map``: refills the window, yields in order, cancels on exit."""
+    """The iterator behind ``map``: refills the window, yields in order, cancels on exit.
+
+    No local of this generator holds a result while it is suspended at a ``yield`` (CPython
+    issue #14406): a large result is freed as soon as the caller drops it.
+    """
     try:
         while futures:
             if source is not None and executor_ref() is not None:
@@ -505,19 +521,16 @@ def _results(
                     source = None
                 else:
                     futures.append(queue(item))
-            future = futures.popleft()
-            if end_time is None:
-                value = future.result()
-            else:
-                value = future.result(end_time - time.monotonic())
-            del future
             if not chunked:
-                yield value
-            elif isinstance(value, ChunkFailure):
-                yield from value.results
-                raise value.exception
-            else:
-                yield from value
+                yield _result_of(futures.popleft(), end_time)
+                continue
+            chunk = _result_of(futures.popleft(), end_time)
+            if isinstance(chunk, ChunkFailure):
+                results, exception = chunk.results, chunk.exception
+                del chunk
+                yield from _drain(results)
+                raise exception
+            yield from _drain(chunk)
     finally:
         if futures:
             executor = executor_ref()
@@ -527,6 +540,26 @@ def _results(
             else:
                 for future in futures:
                     cancel_and_notify(future)
+
+
+def _result_of(future: TaskFuture, end_time: float | None) -> Any:
+    """The future's result within the map's deadline; the future is not kept, and is
+    cancelled if waiting for it fails (a timeout), as CPython's ``_result_or_cancel`` does."""
+    try:
+        try:
+            return future.result(None if end_time is None else end_time - time.monotonic())
+        except BaseException:
+            future.cancel()
+            raise
+    finally:
+        del future
+
+
+def _drain(results: list[Any]) -> Iterator[Any]:
+    """Yield a chunk's results in order, letting go of each one as it is yielded."""
+    results.reverse()
+    while results:
+        yield results.pop()
 
 
 def _node_report(link: NodeLink, info: dict[str, Any] | None) -> NodeReport:

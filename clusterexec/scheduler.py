@@ -2,7 +2,8 @@
 
 One thread owns every node link, the queue and the completion of futures; user threads only
 append to ``_new`` or ``_requests`` and poke a wakeup socket (at most one byte per batch).
-Tasks move QUEUED -> SENT -> STARTED -> DONE; a task SENT to a node but not started can be
+Tasks move QUEUED -> SENT -> STARTED -> DONE; a task handed to an idle worker is STARTED (and its
+future running) as it is sent. A task SENT ahead of the free workers but not started can be
 cancelled, which takes a round trip to the node. A lost node's tasks go back to the queue,
 up to ``retries`` times.
 """
@@ -67,11 +68,12 @@ from clusterexec.protocol import (
     CANCELLED as CANCELLED_KIND,
 )
 from clusterexec.report import ClusterStats, NodeStats
-from clusterexec.serialize import crash_error, decode_result
+from clusterexec.serialize import crash_error, decode_result, unpickling_error
 from clusterexec.shipping import ModuleSource, encode_sources
 from clusterexec.tasks import UNSEEN, Reply, Task, TaskFuture, TaskState, cancel_and_notify
 
 log = logging.getLogger("clusterexec")
+INITIALIZER_LOG = logging.getLogger("concurrent.futures")
 
 MAX_FUNCTIONS = 256
 MAX_FUNCTION_BYTES = 1 << 30
@@ -311,6 +313,9 @@ class Scheduler:
             elif kind == "cancel_many":
                 self._cancel(arg, None)
             elif kind == "cancel_pending":
+                # As ProcessPoolExecutor's manager thread fills its call queue before it acts on
+                # shutdown: idle workers get their tasks first (those run), then the rest is cancelled.
+                self._dispatch(prefetch=False)
                 self._cancel(list(self._tasks.values()), None)
             elif kind == "stop":
                 self._stop = True
@@ -429,6 +434,12 @@ class Scheduler:
                     self._finish_task(task, exception=crash_error(task_id, link.name, info))
             elif kind == BROKEN:
                 reason = unpack_json(message.body)
+                if self.broken is None:
+                    # Where ProcessPoolExecutor's worker logs it: code that watches this logger
+                    # for a failed initializer sees ours too.
+                    INITIALIZER_LOG.critical(
+                        "Exception in initializer on node %s:\n%s", link.name, reason.get("error", "")
+                    )
                 self._break(
                     BrokenCluster(
                         f"the initializer failed on node {link.name}, so the executor cannot run tasks; "
@@ -463,12 +474,15 @@ class Scheduler:
             body, buffers = unpack(memoryview(message.body)[RESULT_HEAD.size :], message.buffers)
             value, exception = decode_result(status, body, buffers, task_id, link.name)
         except BaseException as exc:  # even SystemExit from a __reduce__ must not stop this thread
-            error = ClusterError(
-                f"the result of task {task_id} from node {link.name} could not be unpickled here: {exc!r}; "
-                "make sure the classes it holds can be imported on the client"
+            value = None
+            exception = unpickling_error(
+                task_id,
+                "on the client",
+                f"its result from node {link.name}",
+                exc,
+                "Make sure the classes it holds can be imported here, and that their "
+                "__reduce__/__setstate__ do not fail.",
             )
-            error.__cause__ = exc
-            value, exception = None, error
         self._finish_task(task, value, exception)
 
     def _finish_task(self, task: Task, value: object = None, exception: BaseException | None = None) -> None:
@@ -592,8 +606,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ dispatch
 
-    def _dispatch(self) -> None:
-        """Fill every ready link: first one task per free worker, round robin, then prefetch."""
+    def _dispatch(self, prefetch: bool = True) -> None:
+        """Fill every ready link: first one task per free worker, round robin, then (with
+        ``prefetch``) the tasks sent ahead."""
         if self._stopped_by:
             return  # nothing is sent once the workers are stopped
         queue = self._queue
@@ -608,12 +623,12 @@ class Scheduler:
         queue = self._queue
         if not queue:
             return
-        for prefetch in (False, True):
+        for ahead in (False, True) if prefetch else (False,):
             progress = True
             while queue and progress:
                 progress = False
                 for link in ready:
-                    if queue and len(link.inflight) < (link.capacity() if prefetch else link.workers):
+                    if queue and len(link.inflight) < (link.capacity() if ahead else link.workers):
                         self._send(link, queue.popleft())
                         progress = True
 
@@ -624,6 +639,13 @@ class Scheduler:
                 self._drop(task)
                 return False
             task.state = TaskState.SENT
+            if len(link.inflight) < link.workers:
+                # Handed to an idle worker: running from now on, as ProcessPoolExecutor marks the
+                # calls it moves to its call queue. Neither cancel() nor shutdown(cancel_futures=True)
+                # takes it back; only tasks sent ahead of the free workers stay cancellable.
+                task.state = TaskState.STARTED
+                if future._state == PENDING:
+                    future.set_running_or_notify_cancel()
         channel = link.channel
         assert channel is not None
         function = task.function

@@ -22,7 +22,7 @@ from clusterexec.errors import RemoteError
 from clusterexec.shipping import ModuleCatalog, ModuleSource
 
 if TYPE_CHECKING:
-    from clusterexec.errors import WorkerCrashedError
+    from clusterexec.errors import TaskUnpicklingError, WorkerCrashedError
 
 # cloudpickle, tblib and concurrent.futures.process are imported where first needed: a worker
 # whose tasks take and return plain values, and a node, never pay for them.
@@ -301,3 +301,21 @@ def crash_error(task_id: int, node: str, info: dict[str, Any]) -> WorkerCrashedE
         f"task {task_id} on node {node}: its worker process (pid {info.get('pid')}) died, {status}{hint}{memory}. "
         "Only this task failed; the node started a replacement worker."
     )
+
+
+def unpickling_error(task_id: int, where: str, what: str, exc: BaseException, advice: str) -> TaskUnpicklingError:
+    """The error for a task whose ``what`` (its function and arguments, or its result) raised
+    ``exc`` while being unpickled ``where``: a ``BrokenProcessPool``, as ProcessPoolExecutor
+    reports it, that fails this task alone. ``exc`` becomes its ``__cause__``, and its notes
+    (a shipped module's name, for one) are copied."""
+    from clusterexec.errors import TaskUnpicklingError
+
+    error = TaskUnpicklingError(
+        f"task {task_id}: {what} could not be unpickled {where} ({type(exc).__name__}: {_safe_str(exc)}). "
+        f"Only this task failed; the executor goes on. {advice}"
+    )
+    error.__cause__ = exc
+    for note in getattr(exc, "__notes__", ()):  # what shipping said about the module, for one
+        if hasattr(error, "add_note"):
+            error.add_note(str(note))
+    return error

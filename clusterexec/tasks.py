@@ -1,8 +1,9 @@
 """Tasks as the client holds them: the Task record, its Future, and cancelling.
 
-A task moves QUEUED -> SENT -> STARTED -> DONE, changed only by the I/O thread. A task SENT to
-a node but not started there can still be cancelled: ``TaskFuture.cancel()`` asks the node
-(one round trip) and the task then never runs.
+A task moves QUEUED -> SENT -> STARTED -> DONE, changed only by the I/O thread. A task handed to
+an idle worker is STARTED as it is sent (its future running, as in ProcessPoolExecutor). A task
+SENT ahead of the free workers and not started there can still be cancelled:
+``TaskFuture.cancel()`` asks the node (one round trip) and the task then never runs.
 """
 
 from __future__ import annotations

@@ -35,7 +35,15 @@ from clusterexec.protocol import (
     PlainSealer,
     pack_json,
 )
-from clusterexec.serialize import Payload, capture_exception, dumps, dumps_failure, dumps_result, loads
+from clusterexec.serialize import (
+    Payload,
+    capture_exception,
+    dumps,
+    dumps_failure,
+    dumps_result,
+    loads,
+    unpickling_error,
+)
 from clusterexec.shipping import ShippedModules
 
 LOGGER = logging.getLogger("concurrent.futures")
@@ -82,12 +90,13 @@ class Worker:
                 return 0
 
     def run_initializer(self, message: Message) -> bool:
-        """Run the session's initializer; on failure log it, tell the node, return False."""
+        """Run the session's initializer; on failure tell the node (and so the client), return False."""
         try:
             initializer, initargs = loads(message.body, message.buffers)
             initializer(*initargs)
         except BaseException as exc:
-            LOGGER.critical("Exception in initializer:", exc_info=True)
+            # Logged by the client (on its "concurrent.futures" logger, as ProcessPoolExecutor
+            # logs it), where the user's logging configuration is: not here as well.
             failure = capture_exception(exc)
             self.channel.send(INIT_FAILED, pack_json({"error": failure.text, "type": failure.type_name}))
             return False
@@ -96,25 +105,28 @@ class Worker:
     def run_task(self, message: Message) -> None:
         """Run one task and send its RESULT message."""
         task_id, digest, flags = TASK_HEAD.unpack_from(message.body, 0)
-        status, payload = self._call(digest, flags, message)
+        status, payload = self._call(task_id, digest, flags, message)
         if self.compression is not None:
             payload = payload.packed(self.compression)
         self.channel.send(RESULT, RESULT_HEAD.pack(task_id, status) + payload.body, payload.buffers)
 
-    def _call(self, digest: bytes, flags: int, message: Message) -> tuple[int, Payload]:
+    def _call(self, task_id: int, digest: bytes, flags: int, message: Message) -> tuple[int, Payload]:
         try:
             held = self.functions.get(digest)
             if held is None:
                 raise RuntimeError("clusterexec internal error: task refers to a function the worker does not hold")
             fn = loads(*held)
             args, kwargs = loads(*unpack(memoryview(message.body)[TASK_HEAD.size :], message.buffers))
-        except BaseException as exc:
-            if hasattr(exc, "add_note"):
-                exc.add_note(
-                    "while loading the task's function and arguments on the worker: the modules they "
-                    "need must be installed on the node or shipped (ClusterExecutor(modules=[...]))"
-                )
-            return STATUS_ERROR, dumps_failure(exc)
+        except BaseException as exc:  # even SystemExit from a __reduce__ fails this task alone
+            error = unpickling_error(
+                task_id,
+                "on the worker",
+                "its function or arguments",
+                exc,
+                "The modules they need must be installed on the node or shipped "
+                "(ClusterExecutor(modules=[...])), and their __reduce__/__setstate__ must not fail.",
+            )
+            return STATUS_ERROR, dumps_failure(error)
         if flags & FLAG_CHUNK:
             return self._call_chunk(fn, args[0])
         try:
