@@ -68,9 +68,6 @@ SKIPS: dict[str, str] = {
     # test_process_pool.py
     "test_process_pool.ProcessPoolExecutorTest.test_killed_child": f"{HEALING}; and it finds the worker to kill "
     "through ProcessPoolExecutor._processes (tests/test_faults.py kills workers for real)",
-    "test_process_pool.ProcessPoolExecutorTest.test_traceback": "pending the lead's work on the file name and line "
-    "of functions pickled by value: this classmethod of a class of __main__ travels by value and its frame "
-    "shows <dynamic-code> instead of test_process_pool.py",
     "test_process_pool.ProcessPoolExecutorTest.test_ressources_gced_in_workers": "passes a multiprocessing "
     "Manager proxy to a task: a proxy authenticates with the authkey that only multiprocessing children "
     "of this process inherit, and a node's workers are not its children",
