@@ -26,13 +26,13 @@ from clusterexec.errors import (
 _logging.getLogger("clusterexec").addHandler(_logging.NullHandler())
 
 if TYPE_CHECKING:
+    from clusterexec.client.executor import ClusterExecutor
     from clusterexec.errors import BrokenCluster, TaskUnpicklingError, WorkerCrashedError, WorkerStoppedError
-    from clusterexec.executor import ClusterExecutor
 
 
 def __getattr__(name: str) -> Any:
     if name == "ClusterExecutor":
-        from clusterexec.executor import ClusterExecutor
+        from clusterexec.client.executor import ClusterExecutor
 
         return ClusterExecutor
     if name in ("BrokenCluster", "WorkerCrashedError", "WorkerStoppedError", "TaskUnpicklingError"):

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from clusterexec.cli import main
+from clusterexec.cli.main import main
 
 sys.exit(main())

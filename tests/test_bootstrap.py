@@ -16,8 +16,8 @@ import pytest
 from sshd import bare_python
 
 from clusterexec import ClusterExecutor
-from clusterexec.bootstrap import BOOTSTRAP, command, node_bundle, startup_input
 from clusterexec.keys import new_key
+from clusterexec.launch.bootstrap import BOOTSTRAP, command, node_bundle, startup_input
 
 READY = re.compile(r"clusterexec node listening on (\S+):(\d+) \((\d+) workers\)")
 ARGV = ["--host", "127.0.0.1", "--port", "0", "--workers", "1", "--exit-with-stdin"]
@@ -37,7 +37,9 @@ def start(python: Path, tmp: Path) -> subprocess.Popen[bytes]:
 
 def test_the_bundle_holds_the_sources_a_node_needs() -> None:
     names = zipfile.ZipFile(BytesIO(node_bundle())).namelist()
-    for name in ("clusterexec/node.py", "clusterexec/worker.py", "cloudpickle/__init__.py", "tblib/__init__.py"):
+    needed = ["clusterexec/node/__main__.py", "clusterexec/node/worker.py"]
+    needed += ["cloudpickle/__init__.py", "tblib/__init__.py"]
+    for name in needed:
         assert name in names
     assert all(name.endswith(".py") for name in names)
     assert node_bundle() is node_bundle()  # built once per process

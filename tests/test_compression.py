@@ -18,8 +18,8 @@ from conftest import TESTS, NodeProcess
 from proxy import Proxy
 
 from clusterexec import ClusterExecutor, ConfigurationError
-from clusterexec.compression import CODECS, COMPRESS_MIN, is_packed, pack, unpack
 from clusterexec.errors import ProtocolError
+from clusterexec.wire.compression import CODECS, COMPRESS_MIN, is_packed, pack, unpack
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -41,7 +41,7 @@ from clusterexec import (
     TaskUnpicklingError,
     WorkerCrashedError,
 )
-from clusterexec.report import NodeStatus
+from clusterexec.client.report import NodeStatus
 
 TESTS = Path(__file__).resolve().parent
 

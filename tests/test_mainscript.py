@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from clusterexec.mainscript import names_bound_outside_main_block, rerun_blocker
+from clusterexec.code.mainscript import names_bound_outside_main_block, rerun_blocker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -280,7 +280,7 @@ def test_unguarded_script_on_a_node_started_over_ssh(tmp_path: Path) -> None:
     from sshd import SSHD, bare_python, start_sshd
     from test_ssh import make_spec
 
-    from clusterexec.ssh import SshNode
+    from clusterexec.launch.ssh import SshNode
 
     if not SSHD.exists() or shutil.which("ssh-keygen") is None:
         pytest.skip("OpenSSH server not installed (.ci/run installs it)")

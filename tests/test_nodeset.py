@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clusterexec.errors import ConfigurationError
-from clusterexec.nodeset import MAX_HOSTS, expand, fold, split
+from clusterexec.launch.nodeset import MAX_HOSTS, expand, fold, split
 
 
 @pytest.mark.parametrize(

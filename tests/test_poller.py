@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from clusterexec.poller import EVENT_READ, EVENT_WRITE, Poller
+from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
 
 pytestmark = pytest.mark.timeout(30)
 

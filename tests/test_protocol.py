@@ -1,10 +1,10 @@
 """The wire protocol, tested sans-IO: frames, sealing, the incremental reader, the handshake.
 
-Every test drives :mod:`clusterexec.protocol` by hand, the way :mod:`clusterexec.channel`,
+Every test drives :mod:`clusterexec.wire.protocol` by hand, the way :mod:`clusterexec.wire.channel`,
 the node and the client do: bytes arrive in arbitrary pieces, are copied into
 ``FrameReader.writable()`` as ``socket.recv_into`` would, and ``feed(n)`` returns the
-messages completed. The last tests run :class:`~clusterexec.channel.Channel` and
-:class:`~clusterexec.channel.BlockingChannel` over a real ``socket.socketpair()``.
+messages completed. The last tests run :class:`~clusterexec.wire.channel.Channel` and
+:class:`~clusterexec.wire.channel.BlockingChannel` over a real ``socket.socketpair()``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clusterexec.channel import HIGH_WATER, BlockingChannel, Channel, ConnectionClosed
 from clusterexec.errors import AuthenticationError, ProtocolError, VersionMismatchError
-from clusterexec.protocol import (
+from clusterexec.wire.channel import HIGH_WATER, BlockingChannel, Channel, ConnectionClosed
+from clusterexec.wire.protocol import (
     CHUNK,
     FRAME_HEADER,
     HEAD,
@@ -1084,7 +1084,7 @@ def test_a_handshake_then_sealed_channels_over_a_socketpair() -> None:
 
 
 def test_hmac_sealing_round_trips_and_detects_tampering() -> None:
-    from clusterexec.sealing import HmacOpener, HmacSealer
+    from clusterexec.wire.sealing import HmacOpener, HmacSealer
 
     big = bytes(range(256)) * 5000  # more than one chunk
     stream = b"".join(bytes(b) for b in encode_message(HmacSealer(KEY), TASK, b"body", [big]))
@@ -1099,7 +1099,7 @@ def test_hmac_sealing_round_trips_and_detects_tampering() -> None:
 
 
 def test_a_client_without_aes_gcm_gets_hmac_sealing() -> None:
-    from clusterexec import protocol
+    from clusterexec.wire import protocol
 
     client = ClientHandshake(KEY, CLIENT_INFO)
     client._seals = ["hmac-sha256"]  # as on an interpreter without the cryptography package

@@ -52,12 +52,13 @@ from clusterexec import (
     KeyFileError,
     NodeLostError,
     VersionMismatchError,
-    protocol,
 )
-from clusterexec import node as node_module
 from clusterexec._version import __version__
+from clusterexec.code.serialize import dumps_call, pickle_function
 from clusterexec.keys import read_key_file
-from clusterexec.protocol import (
+from clusterexec.node import __main__ as node_module
+from clusterexec.wire import protocol
+from clusterexec.wire.protocol import (
     FRAME_HEADER,
     FUNC,
     HEAD,
@@ -84,7 +85,6 @@ from clusterexec.protocol import (
     record,
     unpack_json,
 )
-from clusterexec.serialize import dumps_call, pickle_function
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -33,8 +33,8 @@ from typing import Any
 import pytest
 
 from clusterexec import ClusterExecutor, ConfigurationError
-from clusterexec.serialize import dumps, pickle_function
-from clusterexec.shipping import ModuleCatalog, is_user_module
+from clusterexec.code.serialize import dumps, pickle_function
+from clusterexec.code.shipping import ModuleCatalog, is_user_module
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -317,8 +317,8 @@ def test_explicit_modules_objects_packages_and_dotted_names_with_auto_off(
         if __name__ == "__main__":
             import mylib
             import mypkg
-            from clusterexec.serialize import pickle_function
-            from clusterexec.shipping import ModuleCatalog
+            from clusterexec.code.serialize import pickle_function
+            from clusterexec.code.shipping import ModuleCatalog
 
             by_ref = pickle_function(mylib.inc, ModuleCatalog([mylib], auto=False)).payload
             with _executor(modules=[mylib, mypkg, "other.sub"], auto_modules=False) as ex:
@@ -432,7 +432,7 @@ def test_installed_and_standard_library_modules_are_never_shipped(importable: Pa
 
     import numpy
 
-    import clusterexec.serialize
+    import clusterexec.code.serialize
 
     name = f"shipnp_{uuid.uuid4().hex[:8]}"
     write_tree(
@@ -454,7 +454,7 @@ def test_installed_and_standard_library_modules_are_never_shipped(importable: Pa
     catalog = ModuleCatalog()
     payload = dumps((module.total, numpy.arange(5), numpy.add, json_module.dumps), catalog)
     assert [s.name for s in payload.modules] == [name]
-    for installed in (numpy, numpy.arange(3), numpy.add, json_module, clusterexec.serialize.dumps, pytest.fail):
+    for installed in (numpy, numpy.arange(3), numpy.add, json_module, clusterexec.code.serialize.dumps, pytest.fail):
         assert dumps(installed, ModuleCatalog()).modules == (), installed
     assert not is_user_module(numpy) and not is_user_module(json_module) and is_user_module(module)
 
@@ -528,8 +528,8 @@ def test_main_script_functions_run_by_name_and_its_main_block_does_not(
             with open(os.path.join(MARKERS, f"mainblock-{os.getpid()}"), "w"):
                 pass
             if os.environ.get("CE_ROLE") == "client":
-                from clusterexec.serialize import dumps
-                from clusterexec.shipping import ModuleCatalog
+                from clusterexec.code.serialize import dumps
+                from clusterexec.code.shipping import ModuleCatalog
 
                 top = dumps(polynomial, ModuleCatalog())
                 lam = dumps(lambda x: x + 1, ModuleCatalog())
@@ -586,8 +586,8 @@ def test_main_script_with_other_top_level_code_is_not_rerun_its_functions_travel
             return Acc(acc.v + 1), __name__, os.getpid(), time.monotonic() > 0
 
 
-        from clusterexec.serialize import dumps
-        from clusterexec.shipping import ModuleCatalog
+        from clusterexec.code.serialize import dumps
+        from clusterexec.code.shipping import ModuleCatalog
 
         catalog = ModuleCatalog()
         top = dumps(where, catalog)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clusterexec.errors import ConfigurationError
-from clusterexec.specs import (
+from clusterexec.launch.specs import (
     CLUSTER_ENV,
     SLURM_ENV,
     NodeAddress,

@@ -17,10 +17,10 @@ import pytest
 from sshd import SSHD, SshServer, bare_python, start_sshd
 
 from clusterexec import AuthenticationError, ClusterError, ClusterExecutor, ConfigurationError, NodeUnreachableError
-from clusterexec.bootstrap import LOADER
 from clusterexec.errors import HostKeyError
-from clusterexec.specs import SshSpec, resolve_nodes
-from clusterexec.ssh import SshNode, SshOptions
+from clusterexec.launch.bootstrap import LOADER
+from clusterexec.launch.specs import SshSpec, resolve_nodes
+from clusterexec.launch.ssh import SshNode, SshOptions
 
 
 @pytest.fixture(scope="module")

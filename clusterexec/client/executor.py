@@ -20,19 +20,18 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from clusterexec.compression import check_codec
-from clusterexec.connection import LinkState, NodeLink, SessionRequest
+from clusterexec.client.link import LinkState, NodeLink, SessionRequest
+from clusterexec.client.output import OutputPrinter, PrefixChoice, resolve_prefix
+from clusterexec.client.report import ClusterReport, ClusterStats, NodeReport, NodeStatus, report_from_status
+from clusterexec.client.scheduler import Scheduler
+from clusterexec.client.tasks import UNSEEN, Task, TaskFuture, cancel_and_notify
+from clusterexec.code.mainscript import prepare_worker
+from clusterexec.code.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
+from clusterexec.code.shipping import ModuleCatalog, rerunning_main
 from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
 from clusterexec.keys import resolve_key
-from clusterexec.local import LocalNode
-from clusterexec.mainscript import prepare_worker
-from clusterexec.output import OutputPrinter, PrefixChoice, resolve_prefix
-from clusterexec.protocol import FLAG_CHUNK, WORKERS_KILL, WORKERS_TERMINATE
-from clusterexec.report import ClusterReport, ClusterStats, NodeReport, NodeStatus, report_from_status
-from clusterexec.scheduler import Scheduler
-from clusterexec.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
-from clusterexec.shipping import ModuleCatalog, rerunning_main
-from clusterexec.specs import (
+from clusterexec.launch.local import LocalNode
+from clusterexec.launch.specs import (
     ALL_GROUP,
     DEFAULT_PORT,
     NodeAddress,
@@ -42,7 +41,8 @@ from clusterexec.specs import (
     read_cluster_file,
     resolve_nodes,
 )
-from clusterexec.tasks import UNSEEN, Task, TaskFuture, cancel_and_notify
+from clusterexec.wire.compression import check_codec
+from clusterexec.wire.protocol import FLAG_CHUNK, WORKERS_KILL, WORKERS_TERMINATE
 
 T = TypeVar("T")
 
@@ -235,7 +235,7 @@ class ClusterExecutor(Executor):
     ) -> dict[SshSpec, Any]:
         if not specs:
             return {}
-        from clusterexec.ssh import SshNode
+        from clusterexec.launch.ssh import SshNode
 
         started: dict[SshSpec, Any] = {}
         errors: list[BaseException] = []

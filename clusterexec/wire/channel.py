@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from itertools import islice
 
-from clusterexec.protocol import (
+from clusterexec.wire.protocol import (
     CHUNK,
     DEFAULT_MAX_FRAME,
     FRAME_HEADER,

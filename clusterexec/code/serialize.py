@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from clusterexec.compression import pack
+from clusterexec.code.shipping import ModuleCatalog, ModuleSource
 from clusterexec.errors import RemoteError
-from clusterexec.shipping import ModuleCatalog, ModuleSource
+from clusterexec.wire.compression import pack
 
 if TYPE_CHECKING:
     from clusterexec.errors import TaskUnpicklingError, WorkerCrashedError
@@ -53,7 +53,7 @@ class Payload:
 
     def packed(self, codec: str) -> Payload:
         """This payload as it travels with ``codec``: its pieces that shrink compressed (see
-        :mod:`clusterexec.compression`), or itself if none does.
+        :mod:`clusterexec.wire.compression`), or itself if none does.
 
         Computed once per codec and kept (the last codec asked), so the caller's thread can
         compress ahead and the I/O thread find it done. Blocks while the codec runs."""
@@ -95,7 +95,7 @@ def dumps(obj: object, catalog: ModuleCatalog | None = None) -> Payload:
         buffers.append(buffer)
         return False
 
-    from clusterexec.pickler import ShippingPickler, needed_sources
+    from clusterexec.code.pickler import ShippingPickler, needed_sources
 
     catalog = catalog or _NO_SHIPPING
     out = io.BytesIO()

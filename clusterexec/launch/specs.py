@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-from clusterexec import nodeset
 from clusterexec.errors import ConfigurationError
+from clusterexec.launch import nodeset
 
 DEFAULT_PORT = 15809
 SSH_PORT = 22

@@ -1,6 +1,6 @@
 """The pickler that ships code: cloudpickle, noting the user modules a pickle refers to.
 
-Kept apart from :mod:`clusterexec.shipping` because importing cloudpickle is costly: a worker
+Kept apart from :mod:`clusterexec.code.shipping` because importing cloudpickle is costly: a worker
 imports this module only when it pickles something richer than a scalar, and a node never.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import cloudpickle
 
-from clusterexec.shipping import ModuleCatalog, ModuleSource, is_user_module, main_toplevel_qualname, resolve_main
+from clusterexec.code.shipping import ModuleCatalog, ModuleSource, is_user_module, main_toplevel_qualname, resolve_main
 
 
 class ShippingPickler(cloudpickle.Pickler):

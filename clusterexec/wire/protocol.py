@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from clusterexec.errors import AuthenticationError, ProtocolError, VersionMismatchError
-from clusterexec.sealing import (  # noqa: F401 - re-exported: the sealers belong to the protocol
+from clusterexec.wire.sealing import (  # noqa: F401 - re-exported: the sealers belong to the protocol
     FRAME_HEADER,
     GCM_NONCE,
     TAG_SIZE,

@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from clusterexec._version import __version__
-from clusterexec.channel import BlockingChannel, ConnectionClosed
+from clusterexec.client.report import ClusterReport, NodeReport, report_from_status
 from clusterexec.errors import AuthenticationError, ProtocolError, VersionMismatchError
-from clusterexec.protocol import (
+from clusterexec.launch.specs import NodeAddress
+from clusterexec.wire.channel import BlockingChannel, ConnectionClosed
+from clusterexec.wire.protocol import (
     BYE,
     STATUS,
     STATUS_REPLY,
@@ -30,8 +32,6 @@ from clusterexec.protocol import (
     SessionKeys,
     unpack_json,
 )
-from clusterexec.report import ClusterReport, NodeReport, report_from_status
-from clusterexec.specs import NodeAddress
 
 DEFAULT_TIMEOUT = 5.0
 # Probes run on at most this many threads: up to this many nodes answer within one timeout.

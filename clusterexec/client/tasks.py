@@ -15,11 +15,11 @@ from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, PENDING
 from typing import TYPE_CHECKING, Any
 
-from clusterexec.serialize import FunctionPayload, Payload
+from clusterexec.code.serialize import FunctionPayload, Payload
 
 if TYPE_CHECKING:
-    from clusterexec.connection import NodeLink
-    from clusterexec.scheduler import Scheduler
+    from clusterexec.client.link import NodeLink
+    from clusterexec.client.scheduler import Scheduler
 
 
 class TaskState(enum.Enum):

@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from clusterexec.errors import ClusterError
 from clusterexec.keys import KEY_ENV, new_key
-from clusterexec.specs import NodeAddress
+from clusterexec.launch.specs import NodeAddress
 
 READY_LINE = re.compile(r"clusterexec node listening on (\S+):(\d+) \((\d+) workers\)")
 START_TIMEOUT = 60.0

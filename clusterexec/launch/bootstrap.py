@@ -57,7 +57,7 @@ def _clusterexec_node():
             out.write(bundle)
         sys.path.insert(0, path)
         os.environ["CLUSTEREXEC_KEY"] = key.decode()
-        from clusterexec.node import main
+        from clusterexec.node.__main__ import main
         return main(argv)
     finally:
         if os.getpid() == pid:  # not in a forked worker

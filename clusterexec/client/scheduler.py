@@ -23,8 +23,12 @@ from concurrent.futures import Future, InvalidStateError
 from concurrent.futures._base import PENDING
 from typing import Any
 
-from clusterexec.compression import pack, unpack
-from clusterexec.connection import LinkState, NodeLink
+from clusterexec.client.link import LinkState, NodeLink
+from clusterexec.client.output import OutputPrinter
+from clusterexec.client.report import ClusterStats, NodeStats
+from clusterexec.client.tasks import UNSEEN, Reply, Task, TaskFuture, TaskState, cancel_and_notify
+from clusterexec.code.serialize import crash_error, decode_result, unpickling_error
+from clusterexec.code.shipping import ModuleSource, encode_sources
 from clusterexec.errors import (
     BrokenCluster,
     ClusterError,
@@ -33,9 +37,9 @@ from clusterexec.errors import (
     RemoteError,
     WorkerStoppedError,
 )
-from clusterexec.output import OutputPrinter
-from clusterexec.poller import EVENT_READ, EVENT_WRITE, Poller
-from clusterexec.protocol import (
+from clusterexec.wire.compression import pack, unpack
+from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
+from clusterexec.wire.protocol import (
     BROKEN,
     BYE,
     CANCEL,
@@ -64,13 +68,9 @@ from clusterexec.protocol import (
     unpack_ids,
     unpack_json,
 )
-from clusterexec.protocol import (
+from clusterexec.wire.protocol import (
     CANCELLED as CANCELLED_KIND,
 )
-from clusterexec.report import ClusterStats, NodeStats
-from clusterexec.serialize import crash_error, decode_result, unpickling_error
-from clusterexec.shipping import ModuleSource, encode_sources
-from clusterexec.tasks import UNSEEN, Reply, Task, TaskFuture, TaskState, cancel_and_notify
 
 log = logging.getLogger("clusterexec")
 INITIALIZER_LOG = logging.getLogger("concurrent.futures")

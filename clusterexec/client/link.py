@@ -22,7 +22,7 @@ from typing import Any
 import cloudpickle
 
 from clusterexec._version import __version__
-from clusterexec.channel import Channel, ConnectionClosed
+from clusterexec.client.report import NodeStatus
 from clusterexec.errors import (
     AuthenticationError,
     ClusterError,
@@ -30,7 +30,9 @@ from clusterexec.errors import (
     ProtocolError,
     VersionMismatchError,
 )
-from clusterexec.protocol import (
+from clusterexec.launch.specs import NodeAddress
+from clusterexec.wire.channel import Channel, ConnectionClosed
+from clusterexec.wire.protocol import (
     DEFAULT_MAX_FRAME,
     SESSION,
     WELCOME,
@@ -40,8 +42,6 @@ from clusterexec.protocol import (
     pack_json,
     unpack_json,
 )
-from clusterexec.report import NodeStatus
-from clusterexec.specs import NodeAddress
 
 log = logging.getLogger("clusterexec")
 

@@ -13,9 +13,19 @@ import socket
 import sys
 from typing import Any
 
-from clusterexec.channel import BlockingChannel, ConnectionClosed
-from clusterexec.compression import unpack
-from clusterexec.protocol import (
+from clusterexec.code.serialize import (
+    Payload,
+    capture_exception,
+    dumps,
+    dumps_failure,
+    dumps_result,
+    loads,
+    unpickling_error,
+)
+from clusterexec.code.shipping import ShippedModules
+from clusterexec.wire.channel import BlockingChannel, ConnectionClosed
+from clusterexec.wire.compression import unpack
+from clusterexec.wire.protocol import (
     FLAG_CHUNK,
     FORGET,
     FUNC,
@@ -35,16 +45,6 @@ from clusterexec.protocol import (
     PlainSealer,
     pack_json,
 )
-from clusterexec.serialize import (
-    Payload,
-    capture_exception,
-    dumps,
-    dumps_failure,
-    dumps_result,
-    loads,
-    unpickling_error,
-)
-from clusterexec.shipping import ShippedModules
 
 LOGGER = logging.getLogger("concurrent.futures")
 

@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from clusterexec import node, nodeset
+from clusterexec.cli.probe import DEFAULT_TIMEOUT, probe_all
+from clusterexec.cli.shell import NodeOutcome, run_command
+from clusterexec.client.report import ClusterReport, NodeReport
 from clusterexec.errors import ClusterError
 from clusterexec.keys import resolve_key, write_key_file
-from clusterexec.probe import DEFAULT_TIMEOUT, probe_all
-from clusterexec.report import ClusterReport, NodeReport
-from clusterexec.shell import NodeOutcome, run_command
-from clusterexec.specs import DEFAULT_PORT, NodeAddress, SshSpec, parse_address, resolve_nodes
+from clusterexec.launch import nodeset
+from clusterexec.launch.specs import DEFAULT_PORT, NodeAddress, SshSpec, parse_address, resolve_nodes
+from clusterexec.node import __main__ as node
 
 if TYPE_CHECKING:
     import ssl

@@ -18,10 +18,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from clusterexec.channel import Channel
-from clusterexec.compression import codec_available
 from clusterexec.errors import ProtocolError
-from clusterexec.protocol import (
+from clusterexec.wire.channel import Channel
+from clusterexec.wire.compression import codec_available
+from clusterexec.wire.protocol import (
     BROKEN,
     BYE,
     CANCEL,

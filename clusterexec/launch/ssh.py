@@ -29,13 +29,13 @@ from typing import Any
 
 import paramiko
 
-from clusterexec.bootstrap import command, startup_input
-from clusterexec.compression import check_codec
 from clusterexec.errors import AuthenticationError, ClusterError, ConfigurationError, HostKeyError, NodeUnreachableError
 from clusterexec.keys import new_key
-from clusterexec.specs import NodeAddress, SshSpec
+from clusterexec.launch.bootstrap import command, startup_input
+from clusterexec.launch.specs import NodeAddress, SshSpec
+from clusterexec.wire.compression import check_codec
 
-log = logging.getLogger("clusterexec.ssh")
+log = logging.getLogger("clusterexec.launch.ssh")
 
 OPTIONS = ("python", "workers", "key_filename", "known_hosts", "accept_unknown_host", "connect_timeout", "compress")
 READY_LINE = re.compile(r"clusterexec node listening on (\S+):(\d+) \((\d+) workers\)")
@@ -124,7 +124,7 @@ class SshNode:
     Then ``address`` (a 127.0.0.1 port forwarding to the node) and ``key`` (the fresh key the node
     was started with) are what a client connects with; ``workers`` is the node's worker count and
     ``where`` its name for messages (``user@host[:port]``). What the node process prints (its
-    logs) goes line by line to the ``clusterexec.ssh`` logger, prefixed by ``[user@host]``: its
+    logs) goes line by line to the ``clusterexec.launch.ssh`` logger, prefixed by ``[user@host]``: its
     stderr at WARNING, its stdout at INFO. Use as a context manager, or call :meth:`stop`.
     """
 

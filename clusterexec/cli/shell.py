@@ -16,9 +16,9 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from clusterexec.cli.probe import DEFAULT_TIMEOUT, probe_all
 from clusterexec.errors import ClusterError, ConfigurationError
-from clusterexec.probe import DEFAULT_TIMEOUT, probe_all
-from clusterexec.specs import NodeAddress, SshSpec
+from clusterexec.launch.specs import NodeAddress, SshSpec
 
 if TYPE_CHECKING:
     import ssl
@@ -194,7 +194,7 @@ def _run_on(
     tls: ssl.SSLContext | None = None,
 ) -> bool:
     """Submit ``run_shell`` to every node and record the outcomes; True if one never answered."""
-    from clusterexec.executor import ClusterExecutor  # here: a status probe starts faster without it
+    from clusterexec.client.executor import ClusterExecutor  # here: a status probe starts faster without it
 
     try:
         ex = ClusterExecutor(

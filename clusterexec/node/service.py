@@ -8,7 +8,7 @@ import pwd
 import sys
 
 from clusterexec.keys import KEY_ENV, KEY_FILE_ENV
-from clusterexec.protocol import DEFAULT_MAX_FRAME, HANDSHAKE_TIMEOUT
+from clusterexec.wire.protocol import DEFAULT_MAX_FRAME, HANDSHAKE_TIMEOUT
 
 EXIT_USAGE = 2
 

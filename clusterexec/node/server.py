@@ -2,7 +2,7 @@
 
 ``python -m clusterexec.node --port 15809 --workers 4 --key-file secret.key``
 
-One thread runs a readiness loop (:mod:`clusterexec.poller`) over the listening socket, every
+One thread runs a readiness loop (:mod:`clusterexec.wire.poller`) over the listening socket, every
 client connection and every worker's socketpair. Workers are forked from this process, which
 never imports or unpickles user code, so each session starts from a clean interpreter.
 SIGCHLD, SIGTERM and SIGINT reach the loop through a wakeup socket.
@@ -10,8 +10,6 @@ SIGCHLD, SIGTERM and SIGINT reach the loop through a wakeup socket.
 
 from __future__ import annotations
 
-import argparse
-import errno
 import importlib.util
 import ipaddress
 import logging
@@ -25,21 +23,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from clusterexec import worker
 from clusterexec._version import __version__
-from clusterexec.channel import Channel, ConnectionClosed
 from clusterexec.errors import AuthenticationError, ClusterError, ProtocolError, VersionMismatchError
-from clusterexec.keys import resolve_key
-from clusterexec.poller import EVENT_READ, EVENT_WRITE, Poller
-from clusterexec.protocol import (
+from clusterexec.node import worker
+from clusterexec.node.libc import die_with_parent, release_freed, tune_malloc
+from clusterexec.node.session import NodeHost, Session, SessionState, WorkerProcess, describe_status
+from clusterexec.wire.channel import Channel, ConnectionClosed
+from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
+from clusterexec.wire.protocol import (
     DEFAULT_MAX_FRAME,
     HANDSHAKE_TIMEOUT,
     RecordReader,
     ServerHandshake,
     SessionKeys,
 )
-from clusterexec.service import print_systemd_unit
-from clusterexec.session import NodeHost, Session, SessionState, WorkerProcess, describe_status
 
 if TYPE_CHECKING:
     import ssl  # imported at run time only when TLS is configured: it costs startup time
@@ -179,8 +176,8 @@ class Node(NodeHost):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python starts: BrokenPipeError, not death
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _die_with_parent()
-        _tune_malloc(keep_freed=False)
+        die_with_parent()
+        tune_malloc(keep_freed=False)
         keep = sock.fileno()
         os.closerange(3, keep)
         os.closerange(keep + 1, 1 << 16)
@@ -310,7 +307,7 @@ class Node(NodeHost):
             self.poller.register(sys.stdin.fileno(), EVENT_READ, self._on_stdin)
         if ready is not None:
             ready()
-        _tune_malloc(keep_freed=True)  # after the ready line: it imports ctypes
+        tune_malloc(keep_freed=True)  # after the ready line: it imports ctypes
         while not self.stopping:
             now = time.monotonic()
             if now >= self._timers_due:
@@ -572,7 +569,7 @@ class Node(NodeHost):
         self.dirty.discard(session.channel)
         session.channel.close()
         if not self.sessions:
-            _release_freed()
+            release_freed()
 
     def _on_worker_readable(self, fd: int, events: int) -> None:
         entry = self.worker_fds.get(fd)
@@ -644,47 +641,6 @@ class Node(NodeHost):
         self.dying.clear()
 
 
-# glibc's mallopt parameters.
-M_TRIM_THRESHOLD = -1
-M_MMAP_THRESHOLD = -3
-KEEP_FREED = 256 << 20
-
-
-def _tune_malloc(keep_freed: bool) -> None:
-    """Let the node reuse the memory of the chunks it forwards instead of faulting in fresh pages.
-
-    By default glibc hands freed memory back to the kernel, and every megabyte chunk the node
-    receives next costs 256 page faults and a zeroing of each page: a third of the node's time
-    on a 64 MB round trip. The node keeps up to KEEP_FREED bytes for reuse (back-pressure bounds
-    what it holds) and trims when its last session ends. Its workers run user code: they get
-    glibc's usual thresholds back (``keep_freed=False``). Elsewhere than glibc this does nothing.
-    """
-    if keep_freed:
-        _libc_call("mallopt", M_MMAP_THRESHOLD, 4 << 20)  # chunks come from the heap, not from mmap
-        _libc_call("mallopt", M_TRIM_THRESHOLD, KEEP_FREED)
-    else:
-        _libc_call("mallopt", M_MMAP_THRESHOLD, 128 << 10)
-        _libc_call("mallopt", M_TRIM_THRESHOLD, 128 << 10)
-        _release_freed()
-
-
-def _release_freed() -> None:
-    """Give the memory kept for reuse back to the system (the node went idle)."""
-    _libc_call("malloc_trim", 0)
-
-
-def _libc_call(name: str, *args: int) -> None:
-    """Call a glibc function on Linux; do nothing where it does not exist."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        getattr(ctypes.CDLL(None), name)(*args)
-    except (OSError, AttributeError):
-        pass
-
-
 def installed_version(name: str) -> str:
     """The version of an installed package, read without importing it when it is not loaded
     yet (a node reports cloudpickle's version but only its workers may ever need the module)."""
@@ -700,131 +656,3 @@ def installed_version(name: str) -> str:
     except OSError:
         found = None
     return found.group(1) if found else "unknown"
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no orphans if the node is killed)."""
-    _libc_call("prctl", 1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The node's command-line options (shared with ``clusterexec node``)."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
-    parser.add_argument("--port", type=int, default=15809, help="TCP port (default: 15809; 0 picks a free one)")
-    parser.add_argument("--workers", type=int, default=0, help="worker processes per client session (default: CPUs)")
-    parser.add_argument("--key-file", help="shared key file (or set CLUSTEREXEC_KEY)")
-    parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="largest frame accepted, bytes")
-    parser.add_argument(
-        "--handshake-timeout",
-        type=float,
-        default=HANDSHAKE_TIMEOUT,
-        help=f"seconds a new connection has to authenticate (default: {HANDSHAKE_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--insecure-no-auth",
-        action="store_true",
-        help="allow listening on a non-loopback address without a key (anyone who can connect runs code)",
-    )
-    parser.add_argument("--tls-cert", help="TLS certificate (PEM) for the node: clients must connect with TLS")
-    parser.add_argument("--tls-key", help="private key (PEM) of --tls-cert (default: in the certificate file)")
-    parser.add_argument("--tls-ca", help="CA bundle (PEM): require client certificates signed by it")
-    parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--log-level", default="INFO", help="logging level (default: INFO, one line per session start and end)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="log errors only (overrides --log-level)")
-    parser.add_argument(
-        "--print-systemd-unit",
-        action="store_true",
-        help="print a systemd unit that runs this node (same options) at boot, and exit",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Start a node from parsed arguments; return the exit status."""
-    level = "ERROR" if args.quiet else args.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        key = resolve_key(key_file=args.key_file)
-    except ClusterError as exc:
-        print(f"clusterexec node: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.workers < 0:
-        print("clusterexec node: --workers must be 0 (one per CPU) or more", file=sys.stderr)
-        return EXIT_USAGE
-    if key is None and not is_loopback(args.host) and not args.insecure_no_auth:
-        print(
-            f"clusterexec node: refusing to listen on {args.host} without a key; pass --key-file "
-            "(see `clusterexec keygen`) or, to accept anyone who can connect, --insecure-no-auth",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    if args.print_systemd_unit:
-        return print_systemd_unit(args)
-    tls = None
-    if args.tls_cert:
-        import ssl
-
-        try:
-            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            tls.load_cert_chain(args.tls_cert, args.tls_key)
-            if args.tls_ca:
-                tls.load_verify_locations(args.tls_ca)
-                tls.verify_mode = ssl.CERT_REQUIRED
-        except (OSError, ssl.SSLError) as exc:
-            print(f"clusterexec node: cannot use --tls-cert {args.tls_cert}: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-    elif args.tls_key or args.tls_ca:
-        print("clusterexec node: --tls-key and --tls-ca need --tls-cert", file=sys.stderr)
-        return EXIT_USAGE
-    config = NodeConfig(
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        key=key,
-        max_frame=args.max_frame,
-        handshake_timeout=args.handshake_timeout,
-        tls=tls,
-        insecure_no_auth=args.insecure_no_auth,
-        exit_with_stdin=args.exit_with_stdin,
-    )
-    try:
-        node = Node(config)
-    except OSError as exc:
-        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-        print(f"clusterexec node: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
-        return EXIT_USAGE
-    host, port = node.address[0], node.address[1]
-    shown = f"[{host}]" if ":" in host else host
-
-    def ready() -> None:
-        line = f"clusterexec node listening on {shown}:{port} ({node.workers_per_session} workers)"
-        if args.ready_fd is None:
-            print(line, flush=True)
-            return
-        # A local node started by an executor: the ready line goes to the executor on its own
-        # pipe, and stdout stays the executor's, so what tasks print shows up there.
-        with os.fdopen(args.ready_fd, "w") as ready_pipe:
-            ready_pipe.write(line + "\n")
-
-    node.serve_forever(ready)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m clusterexec.node``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m clusterexec.node",
-        description="Run a clusterexec node: clients connect and run tasks on its worker processes.",
-        epilog="example: python -m clusterexec.node --port 15809 --workers 4 --key-file secret.key",
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

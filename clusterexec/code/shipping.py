@@ -28,8 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from clusterexec.code.mainscript import names_bound_outside_main_block, rerun_blocker
 from clusterexec.errors import ConfigurationError
-from clusterexec.mainscript import names_bound_outside_main_block, rerun_blocker
 
 MAIN_NAME = "__mp_main__"
 _rerunning_main = False

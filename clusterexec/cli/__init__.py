@@ -1,0 +1,1 @@
+"""The ``clusterexec`` command: argument parsing and output only. Nothing imports it."""

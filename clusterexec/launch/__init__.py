@@ -1,0 +1,1 @@
+"""Starting nodes and naming them: local nodes, SSH, node specs, node sets, cluster files."""

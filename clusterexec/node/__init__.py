@@ -1,0 +1,3 @@
+"""The node program (``python -m clusterexec.node``): the server, sessions, workers. Never imports
+``clusterexec.client`` or ``clusterexec.launch``.
+"""

@@ -1,0 +1,140 @@
+"""``python -m clusterexec.node``: the node's command line (also ``clusterexec node``).
+
+``python -m clusterexec.node --port 15809 --workers 4 --key-file secret.key``
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import sys
+
+from clusterexec.errors import ClusterError
+from clusterexec.keys import resolve_key
+from clusterexec.node.server import Node, NodeConfig, is_loopback
+from clusterexec.node.service import print_systemd_unit
+from clusterexec.wire.protocol import DEFAULT_MAX_FRAME, HANDSHAKE_TIMEOUT
+
+EXIT_USAGE = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The node's command-line options (shared with ``clusterexec node``)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
+    parser.add_argument("--port", type=int, default=15809, help="TCP port (default: 15809; 0 picks a free one)")
+    parser.add_argument("--workers", type=int, default=0, help="worker processes per client session (default: CPUs)")
+    parser.add_argument("--key-file", help="shared key file (or set CLUSTEREXEC_KEY)")
+    parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="largest frame accepted, bytes")
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=HANDSHAKE_TIMEOUT,
+        help=f"seconds a new connection has to authenticate (default: {HANDSHAKE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow listening on a non-loopback address without a key (anyone who can connect runs code)",
+    )
+    parser.add_argument("--tls-cert", help="TLS certificate (PEM) for the node: clients must connect with TLS")
+    parser.add_argument("--tls-key", help="private key (PEM) of --tls-cert (default: in the certificate file)")
+    parser.add_argument("--tls-ca", help="CA bundle (PEM): require client certificates signed by it")
+    parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--log-level", default="INFO", help="logging level (default: INFO, one line per session start and end)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="log errors only (overrides --log-level)")
+    parser.add_argument(
+        "--print-systemd-unit",
+        action="store_true",
+        help="print a systemd unit that runs this node (same options) at boot, and exit",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start a node from parsed arguments; return the exit status."""
+    level = "ERROR" if args.quiet else args.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        key = resolve_key(key_file=args.key_file)
+    except ClusterError as exc:
+        print(f"clusterexec node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.workers < 0:
+        print("clusterexec node: --workers must be 0 (one per CPU) or more", file=sys.stderr)
+        return EXIT_USAGE
+    if key is None and not is_loopback(args.host) and not args.insecure_no_auth:
+        print(
+            f"clusterexec node: refusing to listen on {args.host} without a key; pass --key-file "
+            "(see `clusterexec keygen`) or, to accept anyone who can connect, --insecure-no-auth",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.print_systemd_unit:
+        return print_systemd_unit(args)
+    tls = None
+    if args.tls_cert:
+        import ssl
+
+        try:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+            if args.tls_ca:
+                tls.load_verify_locations(args.tls_ca)
+                tls.verify_mode = ssl.CERT_REQUIRED
+        except (OSError, ssl.SSLError) as exc:
+            print(f"clusterexec node: cannot use --tls-cert {args.tls_cert}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    elif args.tls_key or args.tls_ca:
+        print("clusterexec node: --tls-key and --tls-ca need --tls-cert", file=sys.stderr)
+        return EXIT_USAGE
+    config = NodeConfig(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        key=key,
+        max_frame=args.max_frame,
+        handshake_timeout=args.handshake_timeout,
+        tls=tls,
+        insecure_no_auth=args.insecure_no_auth,
+        exit_with_stdin=args.exit_with_stdin,
+    )
+    try:
+        node = Node(config)
+    except OSError as exc:
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        print(f"clusterexec node: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return EXIT_USAGE
+    host, port = node.address[0], node.address[1]
+    shown = f"[{host}]" if ":" in host else host
+
+    def ready() -> None:
+        line = f"clusterexec node listening on {shown}:{port} ({node.workers_per_session} workers)"
+        if args.ready_fd is None:
+            print(line, flush=True)
+            return
+        # A local node started by an executor: the ready line goes to the executor on its own
+        # pipe, and stdout stays the executor's, so what tasks print shows up there.
+        with os.fdopen(args.ready_fd, "w") as ready_pipe:
+            ready_pipe.write(line + "\n")
+
+    node.serve_forever(ready)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m clusterexec.node``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m clusterexec.node",
+        description="Run a clusterexec node: clients connect and run tasks on its worker processes.",
+        epilog="example: python -m clusterexec.node --port 15809 --workers 4 --key-file secret.key",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

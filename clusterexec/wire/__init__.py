@@ -1,0 +1,3 @@
+"""The wire: frames, message kinds, the handshake, sealing, the channel and the poller. Imports
+only ``clusterexec.errors``.
+"""
