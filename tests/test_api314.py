@@ -27,7 +27,7 @@ from conftest import TESTS, NodeProcess, wait_until
 
 from clusterexec import ClusterExecutor, WorkerStoppedError
 from clusterexec.keys import resolve_key
-from clusterexec.wire.protocol import CANCEL, SESSION, SIGNAL_HEAD, SIGNAL_WORKERS, STATUS, WORKERS_KILL
+from clusterexec.wire.messages import CANCEL, SESSION, SIGNAL_HEAD, SIGNAL_WORKERS, STATUS, WORKERS_KILL
 
 # --------------------------------------------------------------------------- helpers
 

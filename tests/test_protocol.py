@@ -1,6 +1,7 @@
 """The wire protocol, tested sans-IO: frames, sealing, the incremental reader, the handshake.
 
-Every test drives :mod:`clusterexec.wire.protocol` by hand, the way :mod:`clusterexec.wire.channel`,
+Every test drives :mod:`clusterexec.wire.frames`, :mod:`~clusterexec.wire.messages` and
+:mod:`~clusterexec.wire.handshake` by hand, the way :mod:`clusterexec.wire.channel`,
 the node and the client do: bytes arrive in arbitrary pieces, are copied into
 ``FrameReader.writable()`` as ``socket.recv_into`` would, and ``feed(n)`` returns the
 messages completed. The last tests run :class:`~clusterexec.wire.channel.Channel` and
@@ -30,48 +31,45 @@ from hypothesis import strategies as st
 
 from clusterexec.errors import AuthenticationError, ProtocolError, VersionMismatchError
 from clusterexec.wire.channel import HIGH_WATER, BlockingChannel, Channel, ConnectionClosed
-from clusterexec.wire.protocol import (
-    CHUNK,
-    FRAME_HEADER,
-    HEAD,
+from clusterexec.wire.frames import CHUNK, HEAD, MAX_BUFFERS, SIZE, FrameReader, Message, encode_message, message_pieces
+from clusterexec.wire.handshake import (
     HELLO,
     MAGIC,
-    MAX_BUFFERS,
     MAX_RECORD,
     NONCE_SIZE,
-    PING,
     PROOF_SIZE,
     PROTOCOL_VERSION,
     RECORD_HEADER,
-    RESULT,
     SERVER_HELLO,
     SESSION_KEY_SIZE,
-    SIZE,
-    STOP,
-    TAG_SIZE,
-    TASK,
-    AeadOpener,
-    AeadSealer,
-    Buffer,
     ClientHandshake,
-    FrameReader,
-    Message,
-    Opener,
-    PlainOpener,
-    PlainSealer,
     RecordReader,
-    Sealer,
     ServerHandshake,
-    encode_message,
     hkdf,
-    message_pieces,
+    record,
+)
+from clusterexec.wire.messages import (
+    PING,
+    RESULT,
+    STOP,
+    TASK,
     pack_cancelled,
     pack_ids,
     pack_json,
-    record,
     unpack_cancelled,
     unpack_ids,
     unpack_json,
+)
+from clusterexec.wire.sealing import (
+    FRAME_HEADER,
+    TAG_SIZE,
+    AeadOpener,
+    AeadSealer,
+    Buffer,
+    Opener,
+    PlainOpener,
+    PlainSealer,
+    Sealer,
 )
 
 KEY = bytes(range(16))
@@ -1099,7 +1097,7 @@ def test_hmac_sealing_round_trips_and_detects_tampering() -> None:
 
 
 def test_a_client_without_aes_gcm_gets_hmac_sealing() -> None:
-    from clusterexec.wire import protocol
+    from clusterexec.wire import handshake as protocol
 
     client = ClientHandshake(KEY, CLIENT_INFO)
     client._seals = ["hmac-sha256"]  # as on an interpreter without the cryptography package

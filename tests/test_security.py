@@ -57,34 +57,23 @@ from clusterexec._version import __version__
 from clusterexec.code.serialize import dumps_call, pickle_function
 from clusterexec.keys import read_key_file
 from clusterexec.node import __main__ as node_module
-from clusterexec.wire import protocol
-from clusterexec.wire.protocol import (
-    FRAME_HEADER,
-    FUNC,
-    HEAD,
+from clusterexec.wire import handshake, messages
+from clusterexec.wire.frames import HEAD, SIZE, FrameReader, Message, encode_message
+from clusterexec.wire.handshake import (
     HELLO,
     MAGIC,
     NONCE_SIZE,
     PROOF_SIZE,
     PROTOCOL_VERSION,
     SERVER_HELLO,
-    SESSION,
-    SIZE,
     STATUS_ACCEPTED,
     STATUS_REFUSED,
-    TASK,
-    TASK_HEAD,
-    WELCOME,
     ClientHandshake,
-    FrameReader,
-    Message,
     RecordReader,
-    Sealer,
-    encode_message,
-    pack_json,
     record,
-    unpack_json,
 )
+from clusterexec.wire.messages import FUNC, SESSION, TASK, TASK_HEAD, WELCOME, pack_json, unpack_json
+from clusterexec.wire.sealing import FRAME_HEADER, Sealer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -470,7 +459,7 @@ def test_one_flipped_bit_in_a_task_frame_stops_the_task(
 ) -> None:
     # A client that offers only one sealing method gets it; either way one flipped bit in the
     # frame that carries a TASK closes the session before the task reaches a worker.
-    monkeypatch.setattr(protocol, "available_seals", lambda: [seal])
+    monkeypatch.setattr(handshake, "available_seals", lambda: [seal])
     digest, func_body, func_buffers = func_message(helpers.write_marker)
     for tampered in (False, True):
         marker = tmp_path / f"marker-{tampered}"
@@ -485,7 +474,7 @@ def test_one_flipped_bit_in_a_task_frame_stops_the_task(
             frame = client.sealed(TASK, body, buffers)
             client.sock.sendall(flip_bit(frame, len(frame) // 2) if tampered else frame)
             if not tampered:
-                client.receive(protocol.RESULT)
+                client.receive(messages.RESULT)
                 assert marker.exists()
                 continue
             assert client.closed_by_peer()
@@ -828,7 +817,7 @@ def test_a_silent_client_is_closed_at_the_handshake_deadline(start_secure_node: 
     # There is no command-line option for the deadline (NodeConfig.handshake_timeout, 10 s):
     # use it if it exists, else test the default.
     flag = next((o for o in node_options() if o.startswith("--handshake")), None)
-    deadline = 1.0 if flag else protocol.HANDSHAKE_TIMEOUT
+    deadline = 1.0 if flag else handshake.HANDSHAKE_TIMEOUT
     node = start_secure_node(*([flag, str(deadline)] if flag else []), key_file=key_file)
     since = node.log.mark()
     silent = RawClient(node.endpoint, timeout=deadline + 5)

@@ -23,15 +23,8 @@ from clusterexec.client.report import ClusterReport, NodeReport, report_from_sta
 from clusterexec.errors import AuthenticationError, ProtocolError, VersionMismatchError
 from clusterexec.launch.specs import NodeAddress
 from clusterexec.wire.channel import BlockingChannel, ConnectionClosed
-from clusterexec.wire.protocol import (
-    BYE,
-    STATUS,
-    STATUS_REPLY,
-    ClientHandshake,
-    RecordReader,
-    SessionKeys,
-    unpack_json,
-)
+from clusterexec.wire.handshake import ClientHandshake, RecordReader, SessionKeys
+from clusterexec.wire.messages import BYE, STATUS, STATUS_REPLY, unpack_json
 
 DEFAULT_TIMEOUT = 5.0
 # Probes run on at most this many threads: up to this many nodes answer within one timeout.

@@ -42,7 +42,7 @@ from clusterexec.launch.specs import (
     resolve_nodes,
 )
 from clusterexec.wire.compression import check_codec
-from clusterexec.wire.protocol import FLAG_CHUNK, WORKERS_KILL, WORKERS_TERMINATE
+from clusterexec.wire.messages import FLAG_CHUNK, WORKERS_KILL, WORKERS_TERMINATE
 
 T = TypeVar("T")
 

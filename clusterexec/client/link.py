@@ -32,16 +32,9 @@ from clusterexec.errors import (
 )
 from clusterexec.launch.specs import NodeAddress
 from clusterexec.wire.channel import Channel, ConnectionClosed
-from clusterexec.wire.protocol import (
-    DEFAULT_MAX_FRAME,
-    SESSION,
-    WELCOME,
-    ClientHandshake,
-    Message,
-    RecordReader,
-    pack_json,
-    unpack_json,
-)
+from clusterexec.wire.frames import DEFAULT_MAX_FRAME, Message
+from clusterexec.wire.handshake import ClientHandshake, RecordReader
+from clusterexec.wire.messages import SESSION, WELCOME, pack_json, unpack_json
 
 log = logging.getLogger("clusterexec")
 

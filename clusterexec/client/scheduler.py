@@ -38,8 +38,8 @@ from clusterexec.errors import (
     WorkerStoppedError,
 )
 from clusterexec.wire.compression import pack, unpack
-from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
-from clusterexec.wire.protocol import (
+from clusterexec.wire.frames import Message
+from clusterexec.wire.messages import (
     BROKEN,
     BYE,
     CANCEL,
@@ -62,15 +62,13 @@ from clusterexec.wire.protocol import (
     TASK_ID,
     WORKERS_KILL,
     WORKERS_TERMINATE,
-    Message,
     pack_ids,
     unpack_cancelled,
     unpack_ids,
     unpack_json,
 )
-from clusterexec.wire.protocol import (
-    CANCELLED as CANCELLED_KIND,
-)
+from clusterexec.wire.messages import CANCELLED as CANCELLED_KIND
+from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
 
 log = logging.getLogger("clusterexec")
 INITIALIZER_LOG = logging.getLogger("concurrent.futures")

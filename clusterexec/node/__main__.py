@@ -15,7 +15,8 @@ from clusterexec.errors import ClusterError
 from clusterexec.keys import resolve_key
 from clusterexec.node.server import Node, NodeConfig, is_loopback
 from clusterexec.node.service import print_systemd_unit
-from clusterexec.wire.protocol import DEFAULT_MAX_FRAME, HANDSHAKE_TIMEOUT
+from clusterexec.wire.frames import DEFAULT_MAX_FRAME
+from clusterexec.wire.handshake import HANDSHAKE_TIMEOUT
 
 EXIT_USAGE = 2
 

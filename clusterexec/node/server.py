@@ -29,14 +29,9 @@ from clusterexec.node import worker
 from clusterexec.node.libc import die_with_parent, release_freed, tune_malloc
 from clusterexec.node.session import NodeHost, Session, SessionState, WorkerProcess, describe_status
 from clusterexec.wire.channel import Channel, ConnectionClosed
+from clusterexec.wire.frames import DEFAULT_MAX_FRAME
+from clusterexec.wire.handshake import HANDSHAKE_TIMEOUT, RecordReader, ServerHandshake, SessionKeys
 from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
-from clusterexec.wire.protocol import (
-    DEFAULT_MAX_FRAME,
-    HANDSHAKE_TIMEOUT,
-    RecordReader,
-    ServerHandshake,
-    SessionKeys,
-)
 
 if TYPE_CHECKING:
     import ssl  # imported at run time only when TLS is configured: it costs startup time

@@ -8,7 +8,8 @@ import pwd
 import sys
 
 from clusterexec.keys import KEY_ENV, KEY_FILE_ENV
-from clusterexec.wire.protocol import DEFAULT_MAX_FRAME, HANDSHAKE_TIMEOUT
+from clusterexec.wire.frames import DEFAULT_MAX_FRAME
+from clusterexec.wire.handshake import HANDSHAKE_TIMEOUT
 
 EXIT_USAGE = 2
 

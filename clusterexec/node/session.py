@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from clusterexec.errors import ProtocolError
 from clusterexec.wire.channel import Channel
 from clusterexec.wire.compression import codec_available
-from clusterexec.wire.protocol import (
+from clusterexec.wire.frames import AnyBuffer, ChunkedBuffer, Message
+from clusterexec.wire.messages import (
     BROKEN,
     BYE,
     CANCEL,
@@ -52,18 +53,13 @@ from clusterexec.wire.protocol import (
     WELCOME,
     WORKERS_KILL,
     WORKERS_TERMINATE,
-    AnyBuffer,
-    Buffer,
-    ChunkedBuffer,
-    Message,
-    PlainOpener,
-    PlainSealer,
     pack_cancelled,
     pack_ids,
     pack_json,
     unpack_ids,
     unpack_json,
 )
+from clusterexec.wire.sealing import Buffer, PlainOpener, PlainSealer
 
 log = logging.getLogger("clusterexec.node")
 

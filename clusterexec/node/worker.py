@@ -25,7 +25,8 @@ from clusterexec.code.serialize import (
 from clusterexec.code.shipping import ShippedModules
 from clusterexec.wire.channel import BlockingChannel, ConnectionClosed
 from clusterexec.wire.compression import unpack
-from clusterexec.wire.protocol import (
+from clusterexec.wire.frames import Message
+from clusterexec.wire.messages import (
     FLAG_CHUNK,
     FORGET,
     FUNC,
@@ -40,11 +41,9 @@ from clusterexec.wire.protocol import (
     STOP,
     TASK,
     TASK_HEAD,
-    Message,
-    PlainOpener,
-    PlainSealer,
     pack_json,
 )
+from clusterexec.wire.sealing import PlainOpener, PlainSealer
 
 LOGGER = logging.getLogger("concurrent.futures")
 

@@ -14,24 +14,19 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from itertools import islice
 
-from clusterexec.wire.protocol import (
+from clusterexec.wire.frames import (
     CHUNK,
     DEFAULT_MAX_FRAME,
-    FRAME_HEADER,
     HEAD,
     SIZE,
-    TAG_SIZE,
-    AeadSealer,
     AnyBuffer,
-    Buffer,
     FrameReader,
     Message,
-    Opener,
-    Sealer,
     buffer_nbytes,
     message_head,
     message_pieces,
 )
+from clusterexec.wire.sealing import FRAME_HEADER, TAG_SIZE, AeadSealer, Buffer, Opener, Sealer
 
 HIGH_WATER = 4 << 20
 READ_BUDGET = 8 << 20

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from clusterexec.errors import ConfigurationError, ProtocolError
-from clusterexec.wire.protocol import CHUNK, DEFAULT_MAX_MESSAGE, alloc_buffer
+from clusterexec.wire.frames import CHUNK, DEFAULT_MAX_MESSAGE, alloc_buffer
 
 CODECS = ("zlib", "bz2", "lzma")
 # EasyCluster's spellings, accepted in node specs (``compress=1``).
