@@ -40,3 +40,10 @@ def timed_spin(iterations: int) -> tuple[float, float]:
     started, cpu = time.perf_counter(), time.process_time()
     spin(iterations)
     return time.perf_counter() - started, time.process_time() - cpu
+
+
+def nap(seconds: float) -> float:
+    """Sleep ``seconds`` and return it: a task of known length that needs no CPU, so that many
+    workers on a small machine can all be busy at once."""
+    time.sleep(seconds)
+    return seconds
