@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,13 +59,16 @@ class NodeProcess:
         return self.process.returncode
 
 
-def start_node(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> NodeProcess:
-    """Start ``python -m clusterexec.node --port 0 ARGS`` and wait for its ready line."""
+def start_node(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0, python_args: Sequence[str] = ()
+) -> NodeProcess:
+    """Start ``python PYTHON_ARGS -m clusterexec.node --port 0 ARGS`` and wait for its ready line
+    (stdout and stderr are merged into ``process.stdout``)."""
     full_env = dict(os.environ)
     full_env.pop("CLUSTEREXEC_KEY", None)
     full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), full_env.get("PYTHONPATH", "")])
     full_env.update(env or {})
-    cmd = [sys.executable, "-m", "clusterexec.node", "--port", "0", *args]
+    cmd = [sys.executable, *python_args, "-m", "clusterexec.node", "--port", "0", *args]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
     lines: list[str] = []
     deadline = time.monotonic() + timeout

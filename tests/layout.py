@@ -25,27 +25,33 @@ README = ROOT / "README.md"
 
 # A room is a folder of clusterexec/ or, for the top level, one module: a file's room says which
 # process runs it, and imports between rooms point one way.
+EVERY_ROOM = ("__init__", "__main__", "_version", "errors", "keys", "wire", "code", "node", "client", "launch", "cli")
+
+
+def _may(*rooms: str) -> frozenset[str]:
+    return frozenset(rooms)
+
+
+# room: (which process runs it, the rooms it may import, its own room included)
 ROOMS: dict[str, tuple[str, frozenset[str]]] = {
-    # room: (which process runs it, the rooms it may import; its own room included)
-    "__init__": ("any program that imports `clusterexec`", frozenset({"_version", "errors", "client"})),
-    "__main__": ("the `python -m clusterexec` command", frozenset({"cli"})),
-    "_version": ("every process", frozenset()),
-    "errors": ("every process", frozenset()),
-    "keys": ("the client, the node and the command line", frozenset({"errors"})),
-    "wire": ("the client I/O thread, the node and its workers", frozenset({"errors", "wire"})),
-    "code": ("the client, and the node's workers", frozenset({"errors", "wire", "code"})),
+    "__init__": ("any program that imports `clusterexec`", _may("_version", "errors", "client")),
+    "__main__": ("the `python -m clusterexec` command", _may("cli")),
+    "_version": ("every process", _may()),
+    "errors": ("every process", _may()),
+    "keys": ("the client, the node and the command line", _may("errors")),
+    "wire": ("the client I/O thread, the node and its workers", _may("errors", "wire")),
+    "code": ("the client, and the node's workers", _may("errors", "wire", "code")),
     "node": (
         "`python -m clusterexec.node` and the workers it forks",
-        frozenset({"wire", "code", "keys", "errors", "_version", "node"}),
+        _may("wire", "code", "keys", "errors", "_version", "node"),
     ),
     "client": (
         "the user's program: user threads and the client I/O thread",
-        frozenset({"wire", "code", "launch", "keys", "errors", "_version", "client"}),
+        _may("wire", "code", "launch", "keys", "errors", "_version", "client"),
     ),
-    "launch": ("the user's program, to start and name nodes", frozenset({"wire", "keys", "errors", "_version", "launch"})),
-    "cli": ("the `clusterexec` command", frozenset({"__init__", "__main__", "_version", "errors", "keys", "wire",
-                                                     "code", "node", "client", "launch", "cli"})),
-}  # fmt: skip
+    "launch": ("the user's program, to start and name nodes", _may("wire", "keys", "errors", "_version", "launch")),
+    "cli": ("the `clusterexec` command", _may(*EVERY_ROOM)),
+}
 # Only the ``python -m clusterexec`` entry point may import the command line.
 CLI_IMPORTERS = frozenset({"__main__", "cli"})
 
@@ -102,7 +108,8 @@ def _parse(path: Path) -> ast.Module:
 
 
 def room_of(module: str) -> str:
-    """``clusterexec.wire.frames`` -> ``wire``; ``clusterexec.errors`` -> ``errors``; ``clusterexec`` -> ``__init__``."""
+    """The room of a module: ``clusterexec.wire.frames`` is in ``wire``, ``clusterexec.errors`` in
+    ``errors``, and the package ``clusterexec`` itself in ``__init__``."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else "__init__"
 
@@ -258,11 +265,13 @@ def render() -> str:
     ]
     everything = frozenset(ROOMS)
     for room, (runs_in, may_import) in ROOMS.items():
-        allowed = "anything" if may_import == everything else ", ".join(f"`{r}`" for r in sorted(may_import)) or "nothing"
+        allowed = ", ".join(f"`{r}`" for r in sorted(may_import)) or "nothing"
+        if may_import == everything:
+            allowed = "anything"
         lines.append(f"| {_room_label(room)} | {runs_in} | {allowed} |")
     lines += ["", "| module | holds |", "| --- | --- |"]
-    by_room = sorted(modules().values(), key=lambda m: (list(ROOMS).index(m.room) if m.room in ROOMS else 99, m.relpath))
-    for module in by_room:
+    order = list(ROOMS)
+    for module in sorted(modules().values(), key=lambda m: (order.index(m.room) if m.room in order else 99, m.relpath)):
         lines.append(f"| `{module.relpath}` | {_markdown(module.summary)} |")
     lines += ["", END]
     return "\n".join(lines)
