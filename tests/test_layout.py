@@ -12,7 +12,18 @@ from pathlib import Path
 
 import pytest
 from conftest import start_node
-from layout import CLI_IMPORTERS, ROOMS, Module, all_imports, cycles, import_graph, modules, readme_diff, room_of
+from layout import (
+    CLI_IMPORTERS,
+    ROOMS,
+    Module,
+    all_imports,
+    cycles,
+    import_graph,
+    imports_of,
+    modules,
+    readme_diff,
+    room_of,
+)
 
 from clusterexec import ClusterExecutor
 
@@ -225,3 +236,26 @@ def test_a_node_loads_no_client_code(key_file: Path) -> None:
     assert "session from" in log, "the node logged no session"
     wrong = sorted(name for name in loaded if any(name == p or name.startswith(p + ".") for p in CLIENT_ONLY))
     assert not wrong, f"the node process imported {wrong}"
+
+
+def test_relative_and_guarded_imports_are_resolved(tmp_path: Path) -> None:
+    """The reader on a made-up module of node/: relative imports, TYPE_CHECKING, a function body."""
+    source = tmp_path / "example.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from . import worker\n"
+        "from ..wire.frames import Message\n"
+        "if TYPE_CHECKING:\n"
+        "    from ..client.tasks import Task\n"
+        "def later():\n"
+        "    import clusterexec.launch.specs\n"
+    )
+    found = {
+        (imp.imported, imp.type_only, imp.in_function) for imp in imports_of(Module("clusterexec.node.example", source))
+    }
+    assert found == {
+        ("clusterexec.node.worker", False, False),
+        ("clusterexec.wire.frames", False, False),
+        ("clusterexec.client.tasks", True, False),
+        ("clusterexec.launch.specs", False, True),
+    }
