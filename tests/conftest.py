@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,13 +59,16 @@ class NodeProcess:
         return self.process.returncode
 
 
-def start_node(*args: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> NodeProcess:
-    """Start ``python -m clusterexec.node --port 0 ARGS`` and wait for its ready line."""
+def start_node(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0, python_args: Sequence[str] = ()
+) -> NodeProcess:
+    """Start ``python PYTHON_ARGS -m clusterexec.node --port 0 ARGS`` and wait for its ready line
+    (stdout and stderr are merged into ``process.stdout``)."""
     full_env = dict(os.environ)
     full_env.pop("CLUSTEREXEC_KEY", None)
     full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), full_env.get("PYTHONPATH", "")])
     full_env.update(env or {})
-    cmd = [sys.executable, "-m", "clusterexec.node", "--port", "0", *args]
+    cmd = [sys.executable, *python_args, "-m", "clusterexec.node", "--port", "0", *args]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
     lines: list[str] = []
     deadline = time.monotonic() + timeout
@@ -105,13 +108,30 @@ def cli(
     )
 
 
-@pytest.fixture
-def key_file(tmp_path: Path) -> Path:
-    """A fresh key file with mode 0600."""
-    path = tmp_path / "secret.key"
+def make_key_file(directory: Path) -> Path:
+    """A fresh key file with mode 0600 in ``directory``."""
+    path = directory / "secret.key"
     path.write_text(os.urandom(32).hex() + "\n")
     path.chmod(0o600)
     return path
+
+
+def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with openssl."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    key.chmod(0o600)
+    return cert, key
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    """A fresh key file with mode 0600."""
+    return make_key_file(tmp_path)
 
 
 @pytest.fixture
@@ -145,3 +165,78 @@ def executor(node: NodeProcess, key_file: Path) -> Iterator:
     ex = ClusterExecutor([node.address], key_file=key_file)
     yield ex
     ex.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- one contract, every transport
+
+TRANSPORTS = ("aes-gcm", "hmac-sha256", "tls", "local")
+
+
+@dataclass
+class TransportNodes:
+    """The nodes the transports share within a test module: one plain, one TLS, and their key."""
+
+    key_file: Path
+    cert: Path
+    plain: NodeProcess
+    tls: NodeProcess
+
+
+@pytest.fixture(scope="module")
+def transport_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TransportNodes]:
+    """A node with 2 workers and a key file, and a node with 2 workers that talks only TLS."""
+    directory = tmp_path_factory.mktemp("transports")
+    key_file = make_key_file(directory)
+    cert, cert_key = make_cert(directory, "node")
+    common = ("--workers", "2", "--key-file", str(key_file))
+    plain = start_node(*common)
+    try:
+        tls = start_node(*common, "--tls-cert", str(cert), "--tls-key", str(cert_key))
+    except BaseException:
+        plain.stop(signal.SIGKILL)
+        raise
+    yield TransportNodes(key_file, cert, plain, tls)
+    for node in (plain, tls):
+        node.stop(signal.SIGKILL if node.process.poll() is None else signal.SIGTERM)
+        if node.process.stdout is not None:
+            node.process.stdout.close()
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest, transport_nodes: TransportNodes, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each transport by name; ``hmac-sha256`` makes this process's client offer HMAC sealing only
+    (as a client without the cryptography package would) for the whole test."""
+    name: str = request.param
+    if name == "hmac-sha256":
+        from clusterexec.wire import handshake, sealing
+
+        monkeypatch.setattr(handshake, "available_seals", lambda: [sealing.HMAC_SHA256])
+    return name
+
+
+@pytest.fixture
+def cluster(transport: str, transport_nodes: TransportNodes) -> Iterator:
+    """A ClusterExecutor with 2 workers over ``transport``; shut down (cancelling) at teardown."""
+    import ssl
+
+    from clusterexec import ClusterExecutor
+
+    nodes = transport_nodes
+    if transport == "local":
+        ex = ClusterExecutor(2)
+    elif transport == "tls":
+        context = ssl.create_default_context(cafile=str(nodes.cert))
+        ex = ClusterExecutor([nodes.tls.address], key_file=nodes.key_file, ssl_context=context)
+    else:
+        ex = ClusterExecutor([nodes.plain.address], key_file=nodes.key_file)
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+def link_transports(executor: object) -> list[tuple[str, bool]]:
+    """White-box: for each node link of ``executor``, the frame sealing the node chose and whether
+    the connection is TLS. Nothing public reports these, so the links are read in this process."""
+    import ssl
+
+    links = executor._scheduler.links  # type: ignore[attr-defined]
+    return [(str(link.info.get("seal")), isinstance(link.sock, ssl.SSLSocket)) for link in links]

@@ -8,25 +8,12 @@ from __future__ import annotations
 
 import json
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import NodeProcess, cli
+from conftest import NodeProcess, cli, make_cert
 
 from clusterexec import ClusterError, ClusterExecutor
-
-
-def make_cert(directory: Path, name: str) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key, made with openssl."""
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    key.chmod(0o600)
-    return cert, key
 
 
 @pytest.fixture
