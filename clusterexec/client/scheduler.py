@@ -20,13 +20,21 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
-from concurrent.futures._base import PENDING
 from typing import Any
 
 from clusterexec.client.link import LinkState, NodeLink
 from clusterexec.client.output import OutputPrinter
 from clusterexec.client.report import ClusterStats, NodeStats
-from clusterexec.client.tasks import UNSEEN, Reply, Task, TaskFuture, TaskState, cancel_and_notify
+from clusterexec.client.tasks import (
+    UNSEEN,
+    Reply,
+    Task,
+    TaskFuture,
+    TaskState,
+    cancel_and_notify,
+    mark_running,
+    task_to_cancel,
+)
 from clusterexec.code.serialize import crash_error, decode_result, unpickling_error
 from clusterexec.code.shipping import ModuleSource, encode_sources
 from clusterexec.errors import (
@@ -145,7 +153,6 @@ class Scheduler:
     def submit(self, task: Task) -> None:
         """Queue a task. Thread-safe; never blocks on the network."""
         task.task_id = next(self._ids)
-        task.future._task = task
         self._new.append(task)
         self._wake()
 
@@ -164,8 +171,9 @@ class Scheduler:
         """Cancel many futures without waiting (map clean-up). Thread-safe."""
         tasks = []
         for future in futures:
-            if not cancel_and_notify(future) and isinstance(future, TaskFuture) and future._task is not None:
-                tasks.append(future._task)
+            task = task_to_cancel(future)
+            if task is not None:
+                tasks.append(task)
         if tasks:
             self._requests.append(("cancel_many", tasks))
             self._wake()
@@ -458,8 +466,7 @@ class Scheduler:
 
     def _started(self, task: Task) -> None:
         task.state = TaskState.STARTED
-        if task.future._state == PENDING:
-            task.future.set_running_or_notify_cancel()
+        mark_running(task.future)
         self._answer(task, False)
 
     def _on_result(self, link: NodeLink, message: Message) -> None:
@@ -491,10 +498,9 @@ class Scheduler:
             UNSEEN.note(task.future, task.task_id, exception)
         self._drop(task)
         future = task.future
-        if future._state == PENDING:
-            # RUNNING from here on: the task has run, so a cancel() from a user thread before
-            # _complete() sets the result must fail, as it does once a task has started.
-            future.set_running_or_notify_cancel()
+        # Running from here on: the task has run, so a cancel() from a user thread before
+        # _complete() sets the result must fail, as it does once a task has started.
+        mark_running(future)
         self._done.append((future, value, exception))
 
     def _complete(self) -> None:
@@ -514,10 +520,7 @@ class Scheduler:
         if task.link is not None:
             task.link.inflight.pop(task.task_id, None)
             _release_function(task.link, task.function.digest)
-        task.state = TaskState.DONE
-        task.future._task = None
-        task.future._scheduler = None
-        task.payload = task.function = None  # type: ignore[assignment]
+        task.release()
         self._answer(task, False)
 
     def _fail(self, task: Task, exception: BaseException) -> None:
@@ -631,19 +634,9 @@ class Scheduler:
                         progress = True
 
     def _send(self, link: NodeLink, task: Task) -> bool:
-        future = task.future
-        with future._condition:
-            if future._state != PENDING and future._state != "RUNNING":
-                self._drop(task)
-                return False
-            task.state = TaskState.SENT
-            if len(link.inflight) < link.workers:
-                # Handed to an idle worker: running from now on, as ProcessPoolExecutor marks the
-                # calls it moves to its call queue. Neither cancel() nor shutdown(cancel_futures=True)
-                # takes it back; only tasks sent ahead of the free workers stay cancellable.
-                task.state = TaskState.STARTED
-                if future._state == PENDING:
-                    future.set_running_or_notify_cancel()
+        if not task.mark_sent(to_idle_worker=len(link.inflight) < link.workers):
+            self._drop(task)
+            return False
         channel = link.channel
         assert channel is not None
         function = task.function
