@@ -1,7 +1,8 @@
 """The client I/O thread: the task queue, dispatch to nodes, results, cancels, retries.
 
 One thread owns every node link, the queue and the completion of futures; user threads only
-append to ``_new`` or ``_requests`` and poke a wakeup socket (at most one byte per batch).
+append tasks to ``_new`` or post calls to the :class:`~clusterexec.client.mailbox.Mailbox`, whose
+wake-up costs one byte per batch.
 Tasks move QUEUED -> SENT -> STARTED -> DONE; a task handed to an idle worker is STARTED (and its
 future running) as it is sent. A task SENT ahead of the free workers but not started can be
 cancelled, which takes a round trip to the node. A lost node's tasks go back to the queue,
@@ -23,6 +24,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 from clusterexec.client.link import LinkState, NodeLink
+from clusterexec.client.mailbox import Mailbox
 from clusterexec.client.output import OutputPrinter
 from clusterexec.client.report import ClusterStats, NodeStats
 from clusterexec.client.tasks import (
@@ -114,7 +116,6 @@ class Scheduler:
         self._closers = list(closers)
         self._ids = itertools.count(1)
         self._new: deque[Task] = deque()
-        self._requests: deque[tuple[str, Any]] = deque()
         self._queue: deque[Task] = deque()
         self._tasks: dict[int, Task] = {}
         # Futures are completed at the end of a loop iteration, just before the thread blocks:
@@ -122,10 +123,7 @@ class Scheduler:
         self._done: list[tuple[TaskFuture, object, BaseException | None]] = []
         self._poller = Poller()
         self._registered: dict[NodeLink, tuple[socket.socket, int, int]] = {}
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_lock = threading.Lock()
-        self._wake_pending = False
+        self._mailbox = Mailbox()
         self._stop = False
         # Set once terminate_workers()/kill_workers() is handled: the method's name, and when
         # tasks still in flight stop waiting for their node's report.
@@ -154,16 +152,15 @@ class Scheduler:
         """Queue a task. Thread-safe; never blocks on the network."""
         task.task_id = next(self._ids)
         self._new.append(task)
-        self._wake()
+        self._mailbox.wake()
 
     def cancel_sent(self, task: Task) -> bool:
         """Cancel a task sent to a node; blocks for the node's answer. Thread-safe."""
-        reply = Reply()
         if threading.get_ident() == self._io_ident:
-            self._requests.append(("cancel", (task, None)))
+            self._mailbox.call_soon(self._cancel, [task], None)
             return False
-        self._requests.append(("cancel", (task, reply)))
-        self._wake()
+        reply = Reply()
+        self._mailbox.call_soon(self._cancel, [task], reply)
         reply.event.wait(CANCEL_TIMEOUT)
         return reply.value
 
@@ -175,38 +172,33 @@ class Scheduler:
             if task is not None:
                 tasks.append(task)
         if tasks:
-            self._requests.append(("cancel_many", tasks))
-            self._wake()
+            self._mailbox.call_soon(self._cancel, tasks, None)
 
     def cancel_pending(self) -> None:
         """Cancel every task that has not started (``shutdown(cancel_futures=True)``). Thread-safe."""
-        self._requests.append(("cancel_pending", None))
-        self._wake()
+        self._mailbox.call_soon(self._cancel_pending)
 
     def stop_workers(self, how: int) -> None:
         """``terminate_workers()``/``kill_workers()``: cancel every task that has not started, stop,
         and have every node signal this executor's workers (``how`` is WORKERS_TERMINATE or
         WORKERS_KILL). Thread-safe; returns at once.
 
-        One request, so the I/O thread queues the signal request on each link before it can
+        One call, so the I/O thread queues the signal request on each link before it can
         close that link: the node always hears it."""
-        self._requests.append(("stop_workers", how))
-        self._wake()
+        self._mailbox.call_soon(self._stop_workers, how)
 
     def node_status(self, link: NodeLink, timeout: float) -> dict[str, Any] | None:
         """Ask a node for its health report; None if it is not connected or does not answer.
         Thread-safe; blocks up to ``timeout``."""
         reply = Reply()
         reply.value = None
-        self._requests.append(("status", (link, reply)))
-        self._wake()
+        self._mailbox.call_soon(self._ask_status, link, reply)
         reply.event.wait(timeout)
         return reply.value
 
     def stop(self) -> None:
         """Ask the I/O thread to finish the tasks it has, then close. Thread-safe."""
-        self._requests.append(("stop", None))
-        self._wake()
+        self._mailbox.call_soon(self._stop_after_tasks)
 
     def join(self, timeout: float | None = None) -> None:
         """Wait for the I/O thread to end. Thread-safe (not from the I/O thread)."""
@@ -227,21 +219,11 @@ class Scheduler:
             nodes[link.name] = NodeStats(sent + len(link.pinned), started, link.tasks_done, link.tasks_failed)
         return ClusterStats(queued, nodes)
 
-    def _wake(self) -> None:
-        with self._wake_lock:
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
-
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
         self._io_ident = threading.get_ident()
-        self._poller.register(self._wake_r, EVENT_READ, None)
+        self._poller.register(self._mailbox.reader, EVENT_READ, None)
         try:
             now = time.monotonic()
             for link in self.links:
@@ -256,6 +238,7 @@ class Scheduler:
 
     def _loop(self) -> None:
         first_round = self.first_round
+        mailbox = self._mailbox
         while True:
             now = time.monotonic()
             if now >= self._timers_due:
@@ -267,11 +250,12 @@ class Scheduler:
                         return
             for _fd, events, link in self._poller.select(max(0.0, self._timers_due - now)):
                 if link is None:
-                    self._on_wake()
+                    mailbox.on_readable()
                 else:
                     self._on_link_event(link, events)
-            if self._new or self._requests:
-                self._take_requests()
+            if self._new or mailbox.has_calls:
+                self._take_new()
+                mailbox.run_calls()
                 if self._stop or any(link.state is not LinkState.READY for link in self.links):
                     self._timers_due = 0.0
             self._dispatch()
@@ -291,16 +275,7 @@ class Scheduler:
             self.first_outcome = [(link.state is LinkState.READY, link.error) for link in self.links]
             self.first_round.set()
 
-    def _on_wake(self) -> None:
-        # One read drains it: _wake writes a byte only while none is pending.
-        try:
-            self._wake_r.recv(4096)
-        except BlockingIOError:
-            pass
-        with self._wake_lock:
-            self._wake_pending = False
-
-    def _take_requests(self) -> None:
+    def _take_new(self) -> None:
         new = self._new
         while new:
             task = new.popleft()
@@ -312,28 +287,24 @@ class Scheduler:
                 task.target.pinned.append(task)
             else:
                 self._queue.append(task)
-        while self._requests:
-            kind, arg = self._requests.popleft()
-            if kind == "cancel":
-                self._cancel([arg[0]], arg[1])
-            elif kind == "cancel_many":
-                self._cancel(arg, None)
-            elif kind == "cancel_pending":
-                # As ProcessPoolExecutor's manager thread fills its call queue before it acts on
-                # shutdown: idle workers get their tasks first (those run), then the rest is cancelled.
-                self._dispatch(prefetch=False)
-                self._cancel(list(self._tasks.values()), None)
-            elif kind == "stop":
-                self._stop = True
-            elif kind == "stop_workers":
-                self._stop_workers(arg)
-            elif kind == "status":
-                link, reply = arg
-                if link.state is LinkState.READY and link.channel is not None:
-                    link.status_waiters.append(reply)
-                    link.channel.send(STATUS)
-                else:
-                    reply.answer(None)
+
+    # ------------------------------------------------------------------ posted by user threads
+
+    def _cancel_pending(self) -> None:
+        # As ProcessPoolExecutor's manager thread fills its call queue before it acts on
+        # shutdown: idle workers get their tasks first (those run), then the rest is cancelled.
+        self._dispatch(prefetch=False)
+        self._cancel(list(self._tasks.values()), None)
+
+    def _stop_after_tasks(self) -> None:
+        self._stop = True
+
+    def _ask_status(self, link: NodeLink, reply: Reply) -> None:
+        if link.state is LinkState.READY and link.channel is not None:
+            link.status_waiters.append(reply)
+            link.channel.send(STATUS)
+        else:
+            reply.answer(None)
 
     def _outstanding(self) -> bool:
         if not self._tasks:
@@ -784,8 +755,7 @@ class Scheduler:
             except Exception:
                 log.exception("clusterexec: stopping a local node failed")
         self._poller.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._mailbox.close()
         self.first_round.set()
 
 
