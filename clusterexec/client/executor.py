@@ -423,7 +423,7 @@ class ClusterExecutor(Executor):
     def nodes(self) -> list[NodeStatus]:
         """Every node of this executor with its state (connecting, ready, lost...), worker count
         and tasks in flight. A snapshot; thread-safe."""
-        return [link.status() for link in self._scheduler.links]
+        return self._scheduler.node_statuses()
 
     def stats(self) -> ClusterStats:
         """Task counts: queued in the client, then per node queued, in flight, done and failed."""

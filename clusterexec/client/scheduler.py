@@ -23,10 +23,11 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
+from clusterexec.client.ledger import NodeLedger
 from clusterexec.client.link import LinkState, NodeLink
 from clusterexec.client.mailbox import Mailbox
 from clusterexec.client.output import OutputPrinter
-from clusterexec.client.report import ClusterStats, NodeStats
+from clusterexec.client.report import ClusterStats, NodeStats, NodeStatus
 from clusterexec.client.tasks import (
     UNSEEN,
     Reply,
@@ -83,8 +84,6 @@ from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
 log = logging.getLogger("clusterexec")
 INITIALIZER_LOG = logging.getLogger("concurrent.futures")
 
-MAX_FUNCTIONS = 256
-MAX_FUNCTION_BYTES = 1 << 30
 CANCEL_TIMEOUT = 10.0
 # After terminate_workers()/kill_workers(), how long the nodes have to report the tasks their
 # workers were running (a node SIGKILLs a worker that outlives SIGTERM after 2 s): a node that
@@ -108,6 +107,9 @@ class Scheduler:
         output: OutputPrinter | None = None,
     ) -> None:
         self.links = links
+        # What has been put on each node, and the pairs for loops that need both.
+        self._ledgers = {link: NodeLedger() for link in links}
+        self._nodes = list(self._ledgers.items())
         self.preload = preload
         self.output = output
         self.retries = retries
@@ -209,15 +211,13 @@ class Scheduler:
         """Task counts, client-side and per node. Thread-safe (a snapshot, a moment old)."""
         nodes: dict[str, NodeStats] = {}
         queued = len(self._queue) + len(self._new)
-        for link in self.links:
-            sent = started = 0
-            for task in list(link.inflight.values()):
-                if task.state is TaskState.STARTED:
-                    started += 1
-                else:
-                    sent += 1
-            nodes[link.name] = NodeStats(sent + len(link.pinned), started, link.tasks_done, link.tasks_failed)
+        for link, ledger in self._nodes:
+            nodes[link.name] = ledger.stats()
         return ClusterStats(queued, nodes)
+
+    def node_statuses(self) -> list[NodeStatus]:
+        """Every node's link state and task counts, for ``ex.nodes``. Thread-safe (a snapshot)."""
+        return [link.status(len(ledger.inflight), ledger.tasks_done) for link, ledger in self._nodes]
 
     # ------------------------------------------------------------------ the loop
 
@@ -226,8 +226,8 @@ class Scheduler:
         self._poller.register(self._mailbox.reader, EVENT_READ, None)
         try:
             now = time.monotonic()
-            for link in self.links:
-                link.connect(now)
+            for link, ledger in self._nodes:
+                self._connect(link, ledger, now)
                 self._sync(link)
             self._loop()
         except BaseException as exc:  # a bug here must not leave futures hanging
@@ -284,7 +284,7 @@ class Scheduler:
                 continue
             self._tasks[task.task_id] = task
             if task.target is not None:
-                task.target.pinned.append(task)
+                self._ledgers[task.target].pinned.append(task)
             else:
                 self._queue.append(task)
 
@@ -301,7 +301,7 @@ class Scheduler:
 
     def _ask_status(self, link: NodeLink, reply: Reply) -> None:
         if link.state is LinkState.READY and link.channel is not None:
-            link.status_waiters.append(reply)
+            self._ledgers[link].await_status(reply)
             link.channel.send(STATUS)
         else:
             reply.answer(None)
@@ -309,7 +309,7 @@ class Scheduler:
     def _outstanding(self) -> bool:
         if not self._tasks:
             return False
-        for queue in [self._queue] + [link.pinned for link in self.links]:
+        for queue in [self._queue] + [ledger.pinned for ledger in self._ledgers.values()]:
             for task in list(queue):
                 if task.future.cancelled():
                     self._drop(task)
@@ -322,7 +322,7 @@ class Scheduler:
                 self._abandon_in_flight()
             else:
                 timeout = min(timeout, self._stop_deadline - now)
-        for link in self.links:
+        for link, ledger in self._nodes:
             link.check_deadline(now)
             if (
                 link.state is LinkState.READY
@@ -330,23 +330,28 @@ class Scheduler:
                 and not _readable(link.sock)  # heartbeats may be waiting unread (a GIL-holding user thread)
             ):
                 link.lose(NodeLostError(f"node {link.name} sent no heartbeat for {self.heartbeat_timeout:g}s"))
-            if link.state is not LinkState.READY and link.pinned and link.down_since:
+            if link.state is not LinkState.READY and ledger.pinned and link.down_since:
                 if now - link.down_since >= self.reconnect_window:
-                    self._fail_pinned(link)
+                    self._fail_pinned(link, ledger)
             if link.state is LinkState.LOST:
-                if link.inflight:
-                    self._requeue_lost(link)
+                if ledger.inflight:
+                    self._requeue_lost(link, ledger)
                 if not link.retry_at:
                     link.retry_at = now + min(5.0, 0.1 * 2 ** min(link.attempts, 6))
                 if now >= link.retry_at and not self._stop:
                     link.retry_at = 0.0
-                    link.connect(now)
+                    self._connect(link, ledger, now)
                 else:
                     timeout = min(timeout, max(0.0, link.retry_at - now))
             elif link.state is not LinkState.READY:
                 timeout = min(timeout, max(0.0, link.deadline - now))
             self._sync(link)
         return timeout
+
+    def _connect(self, link: NodeLink, ledger: NodeLedger, now: float) -> None:
+        # A new connection is a new session: the node holds none of what was sent before.
+        self._requeue_lost(link, ledger)
+        link.connect(now)
 
     def _sync(self, link: NodeLink) -> None:
         """Keep the selector's registration in step with the link's socket and interest."""
@@ -378,34 +383,35 @@ class Scheduler:
     def _on_link_event(self, link: NodeLink, events: int) -> None:
         now = time.monotonic()
         messages = link.on_event(events, now)
+        ledger = self._ledgers[link]
         if messages:
             try:
-                self._on_messages(link, messages)
+                self._on_messages(link, ledger, messages)
             except (ProtocolError, ValueError, KeyError) as exc:
                 link.lose(ClusterError(f"node {link.name} sent a malformed message ({exc})"))
         if link.state is not LinkState.READY:
             self._timers_due = 0.0
-            if link.state is LinkState.LOST and link.inflight:
-                self._requeue_lost(link)
+            if link.state is LinkState.LOST and ledger.inflight:
+                self._requeue_lost(link, ledger)
         self._sync(link)
 
     # ------------------------------------------------------------------ messages
 
-    def _on_messages(self, link: NodeLink, messages: list[Message]) -> None:
+    def _on_messages(self, link: NodeLink, ledger: NodeLedger, messages: list[Message]) -> None:
         for message in messages:
             kind = message.kind
             if kind == RESULT:
-                self._on_result(link, message)
+                self._on_result(link, ledger, message)
             elif kind == STARTED:
                 for task_id in unpack_ids(message.body):
-                    task = link.inflight.get(task_id)
+                    task = ledger.inflight.get(task_id)
                     if task is not None and task.state is TaskState.SENT:
                         self._started(task)
             elif kind == CANCELLED_KIND:
-                self._on_cancelled(link, message.body)
+                self._on_cancelled(ledger, message.body)
             elif kind == CRASHED:
                 (task_id,) = TASK_ID.unpack_from(message.body, 0)
-                task = link.inflight.pop(task_id, None)
+                task = ledger.inflight.pop(task_id, None)
                 if task is not None:
                     info = unpack_json(memoryview(message.body)[TASK_ID.size :])
                     self._finish_task(task, exception=crash_error(task_id, link.name, info))
@@ -428,10 +434,7 @@ class Scheduler:
                 if self.output is not None:
                     self.output.write(link.name, stream, pid, bytes(memoryview(message.body)[OUTPUT_HEAD.size :]))
             elif kind == STATUS_REPLY:
-                info = unpack_json(message.body)
-                for reply in link.status_waiters:
-                    reply.answer(info)
-                link.status_waiters.clear()
+                ledger.answer_status(unpack_json(message.body))
             elif kind != HEARTBEAT:
                 raise ProtocolError(f"unexpected message kind {kind}")
 
@@ -440,12 +443,11 @@ class Scheduler:
         mark_running(task.future)
         self._answer(task, False)
 
-    def _on_result(self, link: NodeLink, message: Message) -> None:
+    def _on_result(self, link: NodeLink, ledger: NodeLedger, message: Message) -> None:
         task_id, status = RESULT_HEAD.unpack_from(message.body, 0)
-        task = link.inflight.pop(task_id, None)
+        task = ledger.take_result(task_id, time.monotonic())
         if task is None:
             return
-        link.note_result(time.monotonic())
         try:
             body, buffers = unpack(memoryview(message.body)[RESULT_HEAD.size :], message.buffers)
             value, exception = decode_result(status, body, buffers, task_id, link.name)
@@ -463,7 +465,7 @@ class Scheduler:
 
     def _finish_task(self, task: Task, value: object = None, exception: BaseException | None = None) -> None:
         if exception is not None and task.link is not None:
-            task.link.tasks_failed += 1
+            self._ledgers[task.link].note_failure()
         if isinstance(exception, ClusterError) and not isinstance(exception, RemoteError):  # not the task's own
 
             UNSEEN.note(task.future, task.task_id, exception)
@@ -489,8 +491,7 @@ class Scheduler:
         """Forget a task: no reference to its function, arguments or result remains here."""
         self._tasks.pop(task.task_id, None)
         if task.link is not None:
-            task.link.inflight.pop(task.task_id, None)
-            _release_function(task.link, task.function.digest)
+            self._ledgers[task.link].forget(task)
         task.release()
         self._answer(task, False)
 
@@ -522,16 +523,16 @@ class Scheduler:
             assert link.channel is not None
             link.channel.send(CANCEL, pack_ids(ids))
 
-    def _on_cancelled(self, link: NodeLink, body: Any) -> None:
+    def _on_cancelled(self, ledger: NodeLedger, body: Any) -> None:
         cancelled, refused = unpack_cancelled(body)
         for task_id in cancelled:
-            task = link.inflight.pop(task_id, None)
+            task = ledger.inflight.pop(task_id, None)
             if task is not None:
                 cancel_and_notify(task.future)
                 self._answer(task, True)
                 self._drop(task)
         for task_id in refused:
-            task = link.inflight.get(task_id)
+            task = ledger.inflight.get(task_id)
             if task is not None:
                 self._answer(task, False)
 
@@ -555,8 +556,8 @@ class Scheduler:
                     reason = "it was waiting to be sent again after its node was lost"
                     self._fail(task, self._stopped_error(task, reason))
         self._queue.clear()
-        for link in self.links:
-            link.pinned.clear()
+        for link, ledger in self._nodes:
+            ledger.pinned.clear()
             if link.state is LinkState.READY and link.channel is not None:
                 # Queued on the channel ahead of BYE, which _finish sends: the node hears it first.
                 link.channel.send(SIGNAL_WORKERS, SIGNAL_HEAD.pack(how))
@@ -584,28 +585,28 @@ class Scheduler:
         if self._stopped_by:
             return  # nothing is sent once the workers are stopped
         queue = self._queue
-        if not queue and not any(link.pinned for link in self.links):
+        if not queue and not any(ledger.pinned for ledger in self._ledgers.values()):
             return
-        ready = [link for link in self.links if link.state is LinkState.READY]
+        ready = [(link, ledger) for link, ledger in self._nodes if link.state is LinkState.READY]
         if not ready:
             return
-        for link in ready:
-            while link.pinned and len(link.inflight) < link.capacity():
-                self._send(link, link.pinned.popleft())
-        queue = self._queue
+        for link, ledger in ready:
+            pinned = ledger.pinned
+            while pinned and len(ledger.inflight) < ledger.capacity(link.workers):
+                self._send(link, ledger, pinned.popleft())
         if not queue:
             return
         for ahead in (False, True) if prefetch else (False,):
             progress = True
             while queue and progress:
                 progress = False
-                for link in ready:
-                    if queue and len(link.inflight) < (link.capacity() if ahead else link.workers):
-                        self._send(link, queue.popleft())
+                for link, ledger in ready:
+                    if queue and len(ledger.inflight) < (ledger.capacity(link.workers) if ahead else link.workers):
+                        self._send(link, ledger, queue.popleft())
                         progress = True
 
-    def _send(self, link: NodeLink, task: Task) -> bool:
-        if not task.mark_sent(to_idle_worker=len(link.inflight) < link.workers):
+    def _send(self, link: NodeLink, ledger: NodeLedger, task: Task) -> bool:
+        if not task.mark_sent(to_idle_worker=len(ledger.inflight) < link.workers):
             self._drop(task)
             return False
         channel = link.channel
@@ -615,66 +616,42 @@ class Scheduler:
             blocker = function.payload.main_blocker or task.payload.main_blocker
             self._fail(task, version_skew_error(task.task_id, link.name, link.python_version(), blocker))
             return False
-        self._ship_modules(link, function.payload.modules + task.payload.modules)
-        digest = function.digest
-        if digest in link.functions:
-            link.functions.move_to_end(digest)
-        else:
-            self._evict_functions(link)
+        modules = ledger.modules_to_ship(self.preload, function.payload.modules + task.payload.modules)
+        if modules:
+            body, buffers = encode_sources(modules)
+            if link.codec:
+                body, buffers = pack(body, buffers, link.codec)
+            channel.send(MODULES, body, buffers)
+        forget = ledger.record_sent(task)
+        if forget is not None:  # the session lacks the function: make room, then send it
+            for digest in forget:
+                channel.send(FORGET, digest)
             code = function.payload.packed(link.codec) if link.codec else function.payload
-            channel.send(FUNC, digest + code.body, code.buffers)
-        link.function_refs[digest] = link.function_refs.get(digest, 0) + 1
-        link.functions[digest] = function.payload.nbytes
+            channel.send(FUNC, function.digest + code.body, code.buffers)
         # Usually packed already, by the submitting thread (see ClusterExecutor._queue).
         args = task.payload.packed(link.codec) if link.codec else task.payload
-        channel.send(TASK, TASK_HEAD.pack(task.task_id, digest, task.flags) + args.body, args.buffers)
-        link.inflight[task.task_id] = task
+        channel.send(TASK, TASK_HEAD.pack(task.task_id, function.digest, task.flags) + args.body, args.buffers)
         task.link = link
         return True
 
-    def _ship_modules(self, link: NodeLink, needed: tuple[ModuleSource, ...]) -> None:
-        """Send the module sources this link's session lacks, once per session."""
-        sent = link.modules_sent
-        missing = [m for m in self.preload + needed if m.digest not in sent]
-        if not missing:
-            return
-        unique = list({m.digest: m for m in missing}.values())
-        body, buffers = encode_sources(unique)
-        if link.codec:
-            body, buffers = pack(body, buffers, link.codec)
-        assert link.channel is not None
-        link.channel.send(MODULES, body, buffers)
-        sent.update(m.digest for m in unique)
-
-    def _evict_functions(self, link: NodeLink) -> None:
-        assert link.channel is not None
-        total = sum(link.functions.values())
-        for digest in list(link.functions):
-            if len(link.functions) < MAX_FUNCTIONS and total < MAX_FUNCTION_BYTES:
-                return
-            if link.function_refs.get(digest):
-                continue
-            total -= link.functions.pop(digest)
-            link.channel.send(FORGET, digest)
-
     def _flush(self) -> None:
-        for link in self.links:
+        for link, ledger in self._nodes:
             channel = link.channel
             if channel is not None and channel.wants_write:
                 link.on_event(EVENT_WRITE, time.monotonic())
                 if link.state is not LinkState.READY:
                     self._timers_due = 0.0
-                    if link.state is LinkState.LOST and link.inflight:
-                        self._requeue_lost(link)
+                    if link.state is LinkState.LOST and ledger.inflight:
+                        self._requeue_lost(link, ledger)
                 self._sync(link)
 
     # ------------------------------------------------------------------ faults
 
-    def _requeue_lost(self, link: NodeLink) -> None:
-        tasks = sorted(link.inflight.values(), key=lambda t: t.task_id, reverse=True)
-        link.inflight.clear()
-        link.functions.clear()
-        link.function_refs.clear()
+    def _requeue_lost(self, link: NodeLink, ledger: NodeLedger) -> None:
+        """The session on ``link`` is over (lost, or replaced by a new connection): its tasks in
+        flight go back to the queue, up to ``retries`` times."""
+        tasks = ledger.reset()
+        tasks.reverse()  # each goes back to the front of the queue: the oldest ends up first
         if self._stopped_by:
             for task in tasks:
                 self._fail(task, self._stopped_error(task, f"node {link.name} was lost ({link.error})"))
@@ -694,15 +671,15 @@ class Scheduler:
             task.state = TaskState.QUEUED
             self._answer(task, False)
             if task.target is not None:
-                task.target.pinned.appendleft(task)
+                self._ledgers[task.target].pinned.appendleft(task)
             else:
                 self._queue.appendleft(task)
 
-    def _fail_pinned(self, link: NodeLink) -> None:
+    def _fail_pinned(self, link: NodeLink, ledger: NodeLedger) -> None:
         """Tasks given to one node with submit_to fail once that node stays down too long."""
         reason = link.loss_reason or link.error
-        while link.pinned:
-            task = link.pinned.popleft()
+        while ledger.pinned:
+            task = ledger.pinned.popleft()
             self._fail(
                 task,
                 NodeLostError(
@@ -728,8 +705,8 @@ class Scheduler:
         for task in list(self._tasks.values()):
             self._fail(task, error)
         self._queue.clear()
-        for link in self.links:
-            link.pinned.clear()
+        for ledger in self._ledgers.values():
+            ledger.pinned.clear()
         self.first_round.set()
 
     def _finish(self) -> None:
@@ -784,10 +761,3 @@ def _readable(sock: socket.socket | None) -> bool:
     except (OSError, ValueError):
         return False
 
-
-def _release_function(link: NodeLink, digest: bytes) -> None:
-    count = link.function_refs.get(digest, 0) - 1
-    if count > 0:
-        link.function_refs[digest] = count
-    else:
-        link.function_refs.pop(digest, None)
