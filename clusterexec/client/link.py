@@ -17,11 +17,12 @@ import selectors
 import socket
 import ssl
 import time
+from typing import Any
 
 import cloudpickle
 
 from clusterexec._version import __version__
-from clusterexec.client.report import NodeStatus
+from clusterexec.client.report import NodeReport, NodeStatus, report_from_status
 from clusterexec.errors import (
     AuthenticationError,
     ClusterError,
@@ -320,6 +321,17 @@ class NodeLink:
             error=str(self.error) if self.error is not None else None,
             python=str(self.info.get("python", "")),
         )
+
+    def health(self, info: dict[str, Any] | None) -> NodeReport:
+        """The node's health report for ``ex.check()``, from its answer to STATUS; with None (no
+        answer), the node is reported down with why."""
+        if info is None:
+            if self.state is LinkState.READY:
+                reason = "timed out"
+            else:
+                reason = str(self.error) if self.error is not None else self.state.value
+            return NodeReport(self.name, False, reason, workers=self.workers)
+        return report_from_status(self.name, info)
 
     def python_version(self) -> str:
         """The node's Python version as ``major.minor`` ('' if not known yet)."""
