@@ -7,7 +7,6 @@ same errors. Pickling happens in the calling thread; the scheduler's I/O thread 
 
 from __future__ import annotations
 
-import itertools
 import os
 import ssl
 import sys
@@ -15,18 +14,18 @@ import threading
 import time
 import types
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from clusterexec.client.link import LinkState, NodeLink, SessionRequest
+from clusterexec.client.link import NodeLink, SessionRequest
+from clusterexec.client.mapping import map_tasks
 from clusterexec.client.output import OutputPrinter, PrefixChoice, resolve_prefix
-from clusterexec.client.report import ClusterReport, ClusterStats, NodeReport, NodeStatus, report_from_status
+from clusterexec.client.report import ClusterReport, ClusterStats, NodeReport, NodeStatus
 from clusterexec.client.scheduler import Scheduler
-from clusterexec.client.tasks import UNSEEN, Task, TaskFuture, cancel_and_notify
+from clusterexec.client.tasks import UNSEEN, Task, TaskFuture
 from clusterexec.code.mainscript import prepare_worker
-from clusterexec.code.serialize import ChunkFailure, FunctionPayload, Payload, dumps, dumps_call, pickle_function
+from clusterexec.code.serialize import FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.code.shipping import ModuleCatalog, rerunning_main
 from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
 from clusterexec.keys import resolve_key
@@ -42,7 +41,7 @@ from clusterexec.launch.specs import (
     resolve_nodes,
 )
 from clusterexec.wire.compression import check_codec
-from clusterexec.wire.messages import FLAG_CHUNK, WORKERS_KILL, WORKERS_TERMINATE
+from clusterexec.wire.messages import WORKERS_KILL, WORKERS_TERMINATE
 
 T = TypeVar("T")
 
@@ -367,32 +366,10 @@ class ClusterExecutor(Executor):
         end_time = None if timeout is None else timeout + time.monotonic()
         with self._shutdown_lock:
             self._check_open()
-        function = self._pickled(fn)
-        catalog = self._catalog
-        zipped = zip(*iterables, strict=False)
-        if chunksize > 1:
-            source: Iterator[Any] = iter(lambda: tuple(itertools.islice(zipped, chunksize)), ())
-            flags = FLAG_CHUNK
-        else:
-            source, flags = zipped, 0
-
         # The iterator holds the executor weakly, as CPython's does: a forgotten executor
         # can be collected (and its nodes stopped) while an unfinished map is still around.
         executor_ref = weakref.ref(self)
-
-        def queue(item: Any) -> TaskFuture:
-            executor = executor_ref()
-            if executor is None:
-                raise RuntimeError("cannot schedule new futures after the executor was garbage-collected")
-            if flags:
-                return executor._queue(function, lambda: dumps_call((list(item),), {}, catalog), flags)
-            return executor._queue(function, lambda: dumps_call(item, {}, catalog))
-
-        if buffersize is None:
-            futures = deque(queue(item) for item in source)
-        else:
-            futures = deque(queue(item) for item in itertools.islice(source, buffersize))
-        return _results(futures, source if buffersize else None, executor_ref, queue, end_time, bool(flags))
+        return map_tasks(executor_ref, self._pickled(fn), self._catalog, iterables, chunksize, buffersize, end_time)
 
     def submit_to(
         self, node: NodeStatus | NodeAddress | str | tuple[str, int], fn: Callable[..., T], /, *args: Any, **kwargs: Any
@@ -423,7 +400,7 @@ class ClusterExecutor(Executor):
     def nodes(self) -> list[NodeStatus]:
         """Every node of this executor with its state (connecting, ready, lost...), worker count
         and tasks in flight. A snapshot; thread-safe."""
-        return [link.status() for link in self._scheduler.links]
+        return self._scheduler.node_statuses()
 
     def stats(self) -> ClusterStats:
         """Task counts: queued in the client, then per node queued, in flight, done and failed."""
@@ -439,14 +416,14 @@ class ClusterExecutor(Executor):
 
         def ask(link: NodeLink) -> None:
             info = self._scheduler.node_status(link, timeout)
-            results[link.name] = _node_report(link, info)
+            results[link.name] = link.health(info)
 
         threads = [threading.Thread(target=ask, args=(link,), daemon=True) for link in links]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(timeout + 1.0)
-        return ClusterReport([results.get(link.name) or _node_report(link, None) for link in links])
+        return ClusterReport([results.get(link.name) or link.health(None) for link in links])
 
     @property
     def _broken(self) -> str | bool:
@@ -497,79 +474,6 @@ class ClusterExecutor(Executor):
         with self._shutdown_lock:
             self._shutdown = True
         self._scheduler.stop_workers(how)
-
-
-def _results(
-    futures: deque[TaskFuture],
-    source: Iterator[Any] | None,
-    executor_ref: weakref.ref[ClusterExecutor],
-    queue: Callable[[Any], TaskFuture],
-    end_time: float | None,
-    chunked: bool,
-) -> Iterator[Any]:
-    """The iterator behind ``map``: refills the window, yields in order, cancels on exit.
-
-    No local of this generator holds a result while it is suspended at a ``yield`` (CPython
-    issue #14406): a large result is freed as soon as the caller drops it.
-    """
-    try:
-        while futures:
-            if source is not None and executor_ref() is not None:
-                try:
-                    item = next(source)
-                except StopIteration:
-                    source = None
-                else:
-                    futures.append(queue(item))
-            if not chunked:
-                yield _result_of(futures.popleft(), end_time)
-                continue
-            chunk = _result_of(futures.popleft(), end_time)
-            if isinstance(chunk, ChunkFailure):
-                results, exception = chunk.results, chunk.exception
-                del chunk
-                yield from _drain(results)
-                raise exception
-            yield from _drain(chunk)
-    finally:
-        if futures:
-            executor = executor_ref()
-            scheduler = executor._scheduler if executor is not None else None
-            if scheduler is not None:
-                scheduler.cancel_all(futures)
-            else:
-                for future in futures:
-                    cancel_and_notify(future)
-
-
-def _result_of(future: TaskFuture, end_time: float | None) -> Any:
-    """The future's result within the map's deadline; the future is not kept, and is
-    cancelled if waiting for it fails (a timeout), as CPython's ``_result_or_cancel`` does."""
-    try:
-        try:
-            return future.result(None if end_time is None else end_time - time.monotonic())
-        except BaseException:
-            future.cancel()
-            raise
-    finally:
-        del future
-
-
-def _drain(results: list[Any]) -> Iterator[Any]:
-    """Yield a chunk's results in order, letting go of each one as it is yielded."""
-    results.reverse()
-    while results:
-        yield results.pop()
-
-
-def _node_report(link: NodeLink, info: dict[str, Any] | None) -> NodeReport:
-    if info is None:
-        if link.state is LinkState.READY:
-            reason = "timed out"
-        else:
-            reason = str(link.error) if link.error is not None else link.state.value
-        return NodeReport(link.name, False, reason, workers=link.workers)
-    return report_from_status(link.name, info)
 
 
 def _spread(total: int | None, count: int) -> list[int | None]:

@@ -3,7 +3,8 @@
 A :class:`NodeLink` is driven by the client I/O thread and never blocks: ``connect`` starts a
 non-blocking connect, ``on_event`` advances the handshake as bytes arrive, and once the node's
 WELCOME is in the link is READY and hands decoded messages to the scheduler. Its state changes
-in one place, :meth:`NodeLink._set_state`.
+in one place, :meth:`NodeLink._set_state`. What the scheduler has put on the node is not the
+link's business: that is the node's :class:`~clusterexec.client.ledger.NodeLedger`.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import selectors
 import socket
 import ssl
 import time
-from collections import OrderedDict, deque
 from typing import Any
 
 import cloudpickle
 
 from clusterexec._version import __version__
-from clusterexec.client.report import NodeStatus
+from clusterexec.client.report import NodeReport, NodeStatus, report_from_status
 from clusterexec.errors import (
     AuthenticationError,
     ClusterError,
@@ -37,15 +37,6 @@ from clusterexec.wire.handshake import ClientHandshake, RecordReader
 from clusterexec.wire.messages import SESSION, WELCOME, pack_json, unpack_json
 
 log = logging.getLogger("clusterexec")
-
-# Prefetch: beyond one task per worker, a link keeps about PREFETCH_SECONDS of work queued on
-# its node (estimated from the interval between results), between MIN_ and MAX_PREFETCH tasks.
-# Long tasks get one task of look-ahead, so work stays balanced over nodes; tiny tasks get
-# deep pipelines, so the node never waits for the client.
-PREFETCH_SECONDS = 0.004
-MIN_PREFETCH = 1
-MAX_PREFETCH = 512
-INITIAL_INTERVAL = 0.01
 
 
 class LinkState(enum.Enum):
@@ -131,21 +122,11 @@ class NodeLink:
         self.error: ClusterError | None = None
         self.info: dict[str, object] = {}
         self.workers = 0
-        self.inflight: dict[int, Any] = {}
-        self.functions: OrderedDict[bytes, int] = OrderedDict()
-        self.function_refs: dict[bytes, int] = {}
-        self.modules_sent: set[bytes] = set()
         self.last_heard = 0.0
         self.attempts = 0
         self.retry_at = 0.0
         self.down_since = 0.0
         self.loss_reason: ClusterError | None = None
-        self.tasks_done = 0
-        self.tasks_failed = 0
-        self.pinned: deque[Any] = deque()
-        self.status_waiters: list[Any] = []
-        self.last_result = 0.0
-        self.result_interval = INITIAL_INTERVAL
 
     def _set_state(self, state: LinkState) -> None:
         # down_since: when the link last stopped being usable (the reconnect window counts
@@ -165,10 +146,6 @@ class NodeLink:
         """Start a non-blocking connect. Errors end in the LOST state with ``error`` set."""
         self.attempts += 1
         self._tls_pending = False
-        # A new connection is a new session: the node holds none of what was sent before.
-        self.functions.clear()
-        self.function_refs.clear()
-        self.modules_sent.clear()
         self._records = RecordReader(max_records=1)
         self.deadline = now + self.connect_timeout
         try:
@@ -330,36 +307,36 @@ class NodeLink:
                 return messages[i + 1 :]
         return []
 
-    # ------------------------------------------------------------------ flow
+    # ------------------------------------------------------------------ what it is
 
-    def note_result(self, now: float) -> None:
-        """Account for one result, updating the estimate of the interval between results."""
-        self.tasks_done += 1
-        if self.last_result:
-            self.result_interval += 0.1 * (now - self.last_result - self.result_interval)
-        self.last_result = now
-
-    def status(self) -> NodeStatus:
-        """A snapshot of this link for ``ex.nodes`` (read from any thread; fields may be a moment old)."""
+    def status(self, in_flight: int, tasks_done: int) -> NodeStatus:
+        """A snapshot of this link for ``ex.nodes``, with the node's task counts (read from any
+        thread; fields may be a moment old)."""
         return NodeStatus(
             address=self.name,
             state=self.state.value,
             workers=self.workers,
-            in_flight=len(self.inflight),
-            tasks_done=self.tasks_done,
+            in_flight=in_flight,
+            tasks_done=tasks_done,
             error=str(self.error) if self.error is not None else None,
             python=str(self.info.get("python", "")),
         )
+
+    def health(self, info: dict[str, Any] | None) -> NodeReport:
+        """The node's health report for ``ex.check()``, from its answer to STATUS; with None (no
+        answer), the node is reported down with why."""
+        if info is None:
+            if self.state is LinkState.READY:
+                reason = "timed out"
+            else:
+                reason = str(self.error) if self.error is not None else self.state.value
+            return NodeReport(self.name, False, reason, workers=self.workers)
+        return report_from_status(self.name, info)
 
     def python_version(self) -> str:
         """The node's Python version as ``major.minor`` ('' if not known yet)."""
         version = str(self.info.get("python", ""))
         return ".".join(version.split(".")[:2])
-
-    def capacity(self) -> int:
-        """How many tasks this link may have in flight: one per worker plus prefetch."""
-        extra = int(PREFETCH_SECONDS / max(self.result_interval, 1e-7))
-        return self.workers + max(MIN_PREFETCH, min(MAX_PREFETCH, extra), self.workers)
 
     # ------------------------------------------------------------------ life
 

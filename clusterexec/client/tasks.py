@@ -4,6 +4,10 @@ A task moves QUEUED -> SENT -> STARTED -> DONE, changed only by the I/O thread. 
 an idle worker is STARTED as it is sent (its future running, as in ProcessPoolExecutor). A task
 SENT ahead of the free workers and not started there can still be cancelled:
 ``TaskFuture.cancel()`` asks the node (one round trip) and the task then never runs.
+
+This is the one module that reads or writes the private fields of ``Future`` (its state and
+its condition): the scheduler goes through :meth:`Task.mark_sent`, :func:`mark_running`,
+:func:`cancel_and_notify` and :func:`task_to_cancel`.
 """
 
 from __future__ import annotations
@@ -12,14 +16,13 @@ import enum
 import threading
 import weakref
 from concurrent.futures import Future
-from concurrent.futures._base import CANCELLED, PENDING
-from typing import TYPE_CHECKING, Any
+from concurrent.futures._base import CANCELLED, PENDING, RUNNING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from clusterexec.code.serialize import FunctionPayload, Payload
 
 if TYPE_CHECKING:
     from clusterexec.client.link import NodeLink
-    from clusterexec.client.scheduler import Scheduler
 
 
 class TaskState(enum.Enum):
@@ -54,6 +57,37 @@ class Task:
         self.link: NodeLink | None = None
         self.replies: list[Reply] | None = None
         self.target = target
+        future._task = self
+
+    def mark_sent(self, to_idle_worker: bool) -> bool:
+        """Move a queued task to SENT, or to STARTED (its future running) if it goes to an idle
+        worker; False, and no change, if its future is cancelled or done. I/O thread only.
+
+        Under the future's lock: a ``cancel()`` from a user thread sees the task either queued
+        (and cancels it here) or sent (and asks the node), never in between."""
+        future = self.future
+        with future._condition:
+            state = future._state
+            if state != PENDING and state != RUNNING:
+                return False
+            if to_idle_worker:
+                # Running from now on, as ProcessPoolExecutor marks the calls it moves to its
+                # call queue. Neither cancel() nor shutdown(cancel_futures=True) takes it back;
+                # only tasks sent ahead of the free workers stay cancellable.
+                self.state = TaskState.STARTED
+                if state == PENDING:
+                    future.set_running_or_notify_cancel()
+            else:
+                self.state = TaskState.SENT
+        return True
+
+    def release(self) -> None:
+        """The task is over: unbind it from its future and let go of its function and
+        arguments, so that nothing here keeps them (or its result) alive. I/O thread only."""
+        self.state = TaskState.DONE
+        self.future._task = None
+        self.future._scheduler = None
+        self.payload = self.function = None  # type: ignore[assignment]
 
 
 class Reply:
@@ -70,6 +104,14 @@ class Reply:
         self.event.set()
 
 
+class SentTaskCanceller(Protocol):
+    """What a :class:`TaskFuture` needs of its scheduler: cancelling a task sent to a node."""
+
+    def cancel_sent(self, task: Task) -> bool:
+        """Cancel a task sent ahead to a node; blocks for the node's answer."""
+        ...
+
+
 class TaskFuture(Future[Any]):
     """A Future whose ``cancel()`` also reaches tasks already sent ahead to a node.
 
@@ -77,9 +119,9 @@ class TaskFuture(Future[Any]):
     ``cancel()`` waits for the node's answer (one round trip).
     """
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: SentTaskCanceller) -> None:
         super().__init__()
-        self._scheduler: Scheduler | None = scheduler
+        self._scheduler: SentTaskCanceller | None = scheduler
         self._task: Task | None = None
         self._seen = False
 
@@ -154,3 +196,18 @@ def cancel_and_notify(future: Future[Any]) -> bool:
         if cancelled and future._state == CANCELLED:
             future.set_running_or_notify_cancel()
         return cancelled
+
+
+def mark_running(future: Future[Any]) -> None:
+    """Mark a pending future running (its task started, or has run), as a worker does in
+    ProcessPoolExecutor; a future cancelled meanwhile is only notified. I/O thread only."""
+    if future._state == PENDING:
+        future.set_running_or_notify_cancel()
+
+
+def task_to_cancel(future: Future[Any]) -> Task | None:
+    """Cancel ``future`` here if its task has not been sent; otherwise return its task, which
+    only its node can cancel (None if there is nothing left to cancel). Thread-safe."""
+    if cancel_and_notify(future) or not isinstance(future, TaskFuture):
+        return None
+    return future._task
