@@ -39,7 +39,7 @@ class KnownDebt(AssertionError):
     """
 
 
-def fail_if_any(offenders: dict[str, list[str]], what: str, known: set[str]) -> None:
+def fail_if_any(offenders: dict[str, list[str]], what: str, known: frozenset[str] | set[str] = frozenset()) -> None:
     """Fail listing every offender (``{file: details}``); raise KnownDebt if all are ``known``."""
     if not offenders:
         return
@@ -90,11 +90,6 @@ def test_imports_are_found_wherever_they_are() -> None:
     assert ("clusterexec", "clusterexec.client.executor", True, False) in found  # under TYPE_CHECKING
 
 
-@pytest.mark.xfail(
-    reason="client/scheduler.py <-> client/tasks.py (a type-only cycle) is being removed by the client/ split",
-    raises=KnownDebt,
-    strict=True,
-)
 def test_no_import_cycles() -> None:
     """No two modules import each other, even for type checking only: a cycle means two modules
     that are really one, or a third module hiding between them."""
@@ -102,7 +97,6 @@ def test_no_import_cycles() -> None:
     fail_if_any(
         {" <-> ".join(cycle): [] for cycle in found},
         "import cycles (type-only imports included)",
-        known={"clusterexec.client.scheduler <-> clusterexec.client.tasks"},
     )
 
 
@@ -114,13 +108,12 @@ def _class_sizes(module: Module) -> list[tuple[str, int]]:
     ]
 
 
-OVERSIZED_TODAY = {"client/scheduler.py", "client/executor.py", "node/server.py", "node/session.py"}
+OVERSIZED_TODAY = {"node/server.py", "node/session.py"}
 
 
 @pytest.mark.xfail(
-    reason="client/scheduler.py (830 lines, class Scheduler 711), client/executor.py (588, class "
-    "ClusterExecutor 419), node/server.py (653, class Node 551) and node/session.py (564) are too "
-    "large; the client/ and node/ splits are making them smaller",
+    reason="node/server.py (653 lines, class Node 551) and node/session.py (564) are too large; the "
+    "node/ split is making them smaller",
     raises=KnownDebt,
     strict=True,
 )
@@ -169,12 +162,6 @@ def _touches_future_internals(module: Module) -> list[int]:
     return sorted(set(lines))
 
 
-@pytest.mark.xfail(
-    reason="client/scheduler.py and client/tasks.py both use Future._state/_condition and _base.PENDING; "
-    "the client/ split gives them to one module",
-    raises=KnownDebt,
-    strict=True,
-)
 def test_one_client_module_touches_future_internals() -> None:
     """Future's private state is read and written in one place, so its locking is auditable there."""
     touching = {
@@ -186,7 +173,6 @@ def test_one_client_module_touches_future_internals() -> None:
         fail_if_any(
             {path: [f"lines {lines}"] for path, lines in touching.items()},
             "more than one module of client/ uses Future internals",
-            known={"client/scheduler.py", "client/tasks.py"},
         )
 
 
