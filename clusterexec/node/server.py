@@ -1,11 +1,14 @@
-"""The node server: accept clients, authenticate them, run one session per client.
+"""The node server: one readiness loop that accepts clients and runs one session per client.
 
 ``python -m clusterexec.node --port 15809 --workers 4 --key-file secret.key``
 
 One thread runs a readiness loop (:mod:`clusterexec.wire.poller`) over the listening socket, every
-client connection and every worker's socketpair. Workers are forked from this process, which
-never imports or unpickles user code, so each session starts from a clean interpreter.
-SIGCHLD, SIGTERM and SIGINT reach the loop through a wakeup socket.
+client connection and every worker's socketpair; the handlers belong to the
+:class:`~clusterexec.node.accept.Acceptor` (new connections and their handshakes), to
+:class:`Node` (client connections) and to :class:`~clusterexec.node.workers.WorkerIO` (worker
+processes). :class:`Node` keeps the loop, signals, timers, flushing and back-pressure. Workers
+are forked from this process, which never imports or unpickles user code, so each session
+starts from a clean interpreter. SIGCHLD, SIGTERM and SIGINT reach the loop through a wakeup socket.
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from clusterexec._version import __version__
-from clusterexec.errors import AuthenticationError, ClusterError, ProtocolError, VersionMismatchError
+from clusterexec.errors import ClusterError, ProtocolError
+from clusterexec.node.accept import Acceptor, listen
 from clusterexec.node.host import NodeHost, WorkerProcess
 from clusterexec.node.libc import release_freed, tune_malloc
 from clusterexec.node.session import Session, SessionState
 from clusterexec.node.workers import WorkerIO, fork_worker
 from clusterexec.wire.channel import Channel, ConnectionClosed
 from clusterexec.wire.frames import DEFAULT_MAX_FRAME
-from clusterexec.wire.handshake import HANDSHAKE_TIMEOUT, RecordReader, ServerHandshake, SessionKeys
+from clusterexec.wire.handshake import HANDSHAKE_TIMEOUT, SessionKeys
 from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
 
 if TYPE_CHECKING:
@@ -61,19 +65,6 @@ class NodeConfig:
     tls: ssl.SSLContext | None = None
 
 
-class Pending:
-    """A connection still in its handshake."""
-
-    def __init__(self, sock: socket.socket, peer: str, handshake: ServerHandshake, deadline: float, tls: bool) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.handshake = handshake
-        self.deadline = deadline
-        self.records = RecordReader(max_records=2)
-        self.hello_done = False
-        self.tls_pending = tls
-
-
 def is_loopback(host: str) -> bool:
     """True if ``host`` names only the loopback interface."""
     if host in ("localhost", ""):
@@ -91,9 +82,12 @@ class Node(NodeHost):
         self.config = config
         self.workers_per_session = config.workers or os.cpu_count() or 1
         self.poller = Poller()
-        self.listener = self._listen()
-        self.address = self.listener.getsockname()
-        self.pending: dict[int, Pending] = {}
+        listener = listen(config.host, config.port)
+        self.address = listener.getsockname()
+        offer: dict[str, object] = {"workers": self.workers_per_session}
+        self.acceptor = Acceptor(
+            listener, self.poller, config.key, offer, config.handshake_timeout, config.tls, self.timer_at, self._open
+        )
         self.sessions: dict[int, Session] = {}
         self.dirty: set[Channel] = set()
         self.write_interest: set[int] = set()
@@ -109,21 +103,6 @@ class Node(NodeHost):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-
-    def _listen(self) -> socket.socket:
-        host = self.config.host
-        infos = socket.getaddrinfo(host, self.config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-        except OSError:
-            sock.close()
-            raise
-        sock.listen(512)
-        sock.setblocking(False)
-        return sock
 
     # ------------------------------------------------------------------ NodeHost
 
@@ -187,7 +166,7 @@ class Node(NodeHost):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.poller.register(self.listener, EVENT_READ, self._on_accept)
+        self.acceptor.start()
         self.poller.register(self._wake_r, EVENT_READ, self._on_wakeup)
         if self.config.exit_with_stdin:
             self.poller.register(sys.stdin.fileno(), EVENT_READ, self._on_stdin)
@@ -232,13 +211,7 @@ class Node(NodeHost):
             self.stopping = True
 
     def _timers(self, now: float) -> float:
-        timeout = 1.0
-        for fd, pending in list(self.pending.items()):
-            if now >= pending.deadline:
-                log.warning("handshake from %s timed out; connection closed", pending.peer)
-                self._drop_pending(fd)
-            else:
-                timeout = min(timeout, pending.deadline - now)
+        timeout = self.acceptor.expire(now)
         for session in list(self.sessions.values()):
             timeout = min(timeout, max(0.0, session.tick(now) - now))
         timeout = min(timeout, self.worker_io.kill_overdue(now))
@@ -316,96 +289,13 @@ class Node(NodeHost):
         self.write_interest.discard(fd)
         self.dirty.discard(channel)
 
-    # ------------------------------------------------------------------ handshake
-
-    def _on_accept(self, fd: int, events: int) -> None:
-        for _ in range(64):
-            try:
-                sock, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accept failed: %s", exc)
-                return
-            sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-            if self.config.tls is not None:
-                sock = self.config.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            handshake = ServerHandshake(self.config.key or b"", {"workers": self.workers_per_session})
-            deadline = time.monotonic() + self.config.handshake_timeout
-            pending = Pending(sock, peer, handshake, deadline, tls=self.config.tls is not None)
-            self.pending[sock.fileno()] = pending
-            self.timer_at(pending.deadline)
-            events = EVENT_READ | (EVENT_WRITE if pending.tls_pending else 0)
-            self.poller.register(sock, events, self._on_handshake)
-
-    def _drop_pending(self, fd: int) -> None:
-        pending = self.pending.pop(fd)
-        self.poller.unregister(fd)
-        pending.sock.close()
-
-    def _on_handshake(self, fd: int, events: int) -> None:
-        pending = self.pending[fd]
-        try:
-            if pending.tls_pending:
-                import ssl
-
-                try:
-                    pending.sock.do_handshake()  # type: ignore[attr-defined]
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    return
-                pending.tls_pending = False
-                self.poller.modify(fd, EVENT_READ, self._on_handshake)
-            data = pending.sock.recv(8192)
-            if not data:
-                raise ConnectionClosed("closed during the handshake")
-            while getattr(pending.sock, "pending", lambda: 0)():
-                data += pending.sock.recv(8192)
-            for rec in pending.records.feed(data):
-                if not pending.hello_done:
-                    pending.sock.sendall(pending.handshake.on_client_hello(rec))
-                    pending.hello_done = True
-                else:
-                    keys = pending.handshake.on_client_proof(rec)
-                    self._promote(fd, pending, keys)
-                    return
-        except (BlockingIOError, InterruptedError):
-            return
-        except VersionMismatchError as exc:
-            log.warning("refused %s: %s", pending.peer, exc)
-            try:
-                pending.sock.sendall(pending.handshake.refusal)
-            except OSError:
-                pass
-            self._drop_pending(fd)
-        except AuthenticationError as exc:
-            log.warning("authentication failed for %s: %s", pending.peer, exc)
-            self._drop_pending(fd)
-        except OSError as exc:
-            tls = sys.modules.get("ssl")  # a TLS socket exists only if ssl was imported
-            if tls is not None and isinstance(exc, (tls.SSLWantReadError, tls.SSLWantWriteError)):
-                return
-            if tls is not None and isinstance(exc, tls.SSLError):
-                log.warning("TLS handshake with %s failed: %s", pending.peer, exc.reason or exc)
-            else:
-                log.warning("handshake with %s failed: %s", pending.peer, exc)
-            self._drop_pending(fd)
-        except (ProtocolError, ConnectionClosed) as exc:
-            log.warning("handshake with %s failed: %s", pending.peer, exc)
-            self._drop_pending(fd)
-        except Exception as exc:  # whatever a stranger sends, the node stays up
-            log.warning("handshake with %s failed unexpectedly: %r", pending.peer, exc)
-            self._drop_pending(fd)
-
-    def _promote(self, fd: int, pending: Pending, keys: SessionKeys) -> None:
-        del self.pending[fd]
-        channel = Channel(pending.sock, keys.sealer(), keys.opener(), self.config.max_frame, chunked=True)
-        session = Session(self, channel, pending.peer, self.workers_per_session)
+    def _open(self, sock: socket.socket, peer: str, keys: SessionKeys, leftover: bytes) -> None:
+        """A connection passed its handshake: it becomes a session."""
+        fd = sock.fileno()
+        channel = Channel(sock, keys.sealer(), keys.opener(), self.config.max_frame, chunked=True)
+        session = Session(self, channel, peer, self.workers_per_session)
         self.sessions[fd] = session
         self.poller.modify(fd, EVENT_READ, self._on_client)
-        leftover = pending.records.leftover()
         if leftover:
             self._handle_client(fd, session, lambda: channel.feed_initial(leftover))
 
@@ -452,10 +342,7 @@ class Node(NodeHost):
         log.info("node stopping: ending %d sessions", len(self.sessions))
         for fd in list(self.sessions):
             self._end_session(fd, "node stopping")
-        for fd in list(self.pending):
-            self._drop_pending(fd)
-        self.poller.unregister(self.listener.fileno())
-        self.listener.close()
+        self.acceptor.close()
         self.worker_io.reap_dying(within=3.0)
 
 
