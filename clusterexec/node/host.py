@@ -61,6 +61,16 @@ def describe_status(status: int) -> str:
     return f"exit code {os.WEXITSTATUS(status)}"
 
 
+def exit_report(pid: int, status: int, maxrss_kb: int) -> dict[str, object]:
+    """How a worker process ended, for the client's CRASHED message."""
+    return {
+        "pid": pid,
+        "status": describe_status(status),
+        "exitcode": os.waitstatus_to_exitcode(status),
+        "maxrss_kb": maxrss_kb,
+    }
+
+
 class NodeHost:
     """What a session needs from the node server it lives in (implemented by node.Node)."""
 
