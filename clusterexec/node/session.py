@@ -113,24 +113,6 @@ class Session:
         self.opened = time.monotonic()
         self.paused = False
         self.stopped_by = ""
-        # What each message kind does, looked up once per message (execnet's Message._types).
-        # Kinds missing here are not the sender's to send: the session ends with an error.
-        self._client_handlers: dict[int, Callable[[Message], None]] = {
-            Kind.TASK: self._on_task,
-            Kind.FUNC: self._on_func,
-            Kind.CANCEL: self._on_cancel,
-            Kind.FORGET: self._on_forget,
-            Kind.MODULES: self._on_modules,
-            Kind.SESSION: self._on_session,
-            Kind.STATUS: self._on_status,
-            Kind.SIGNAL_WORKERS: self._on_signal_workers,
-            Kind.BYE: self._on_bye,
-            Kind.PING: self._on_ping,
-        }
-        self._worker_handlers: dict[int, Callable[[WorkerProcess, Message], bool]] = {
-            Kind.RESULT: self._on_result,
-            Kind.INIT_FAILED: self._on_init_failed,
-        }
 
     # ------------------------------------------------------------------ client side
 
@@ -143,14 +125,14 @@ class Session:
 
         Raises ProtocolError for a malformed message or a kind a client does not send (the
         node then ends this session alone)."""
-        handlers = self._client_handlers
+        handlers = CLIENT_HANDLERS
         for message in messages:
             if self.state is SessionState.CLOSED:
                 return
             handler = handlers.get(message.kind)
             if handler is None:
                 raise unexpected(message.kind, "from the client")
-            handler(message)
+            handler(self, message)
         self.dispatch()
 
     def _on_task(self, message: Message) -> None:
@@ -316,12 +298,12 @@ class Session:
         """Handle messages from one worker: forward results, note failures.
 
         Raises ProtocolError for a malformed message or a kind a worker does not send."""
-        handlers = self._worker_handlers
+        handlers = WORKER_HANDLERS
         for message in messages:
             handler = handlers.get(message.kind)
             if handler is None:
                 raise unexpected(message.kind, f"from worker {worker.pid}")
-            if handler(worker, message):
+            if handler(self, worker, message):
                 return  # the session broke: nothing more from this batch counts
         self._retire_spent(worker)
         self.dispatch()
@@ -473,3 +455,25 @@ class Session:
             self.tasks_crashed,
             self.tasks_cancelled,
         )
+
+
+# What each message kind does, looked up once per message (as execnet's Message._types): the
+# handlers take the session first. A kind missing here is not the sender's to send, and ends
+# the session with an error naming it. Tables of the class's functions, not of one session's
+# bound methods, so a session holds no cycle through them and is freed as soon as it ends.
+CLIENT_HANDLERS: dict[int, Callable[[Session, Message], None]] = {
+    Kind.TASK: Session._on_task,
+    Kind.FUNC: Session._on_func,
+    Kind.CANCEL: Session._on_cancel,
+    Kind.FORGET: Session._on_forget,
+    Kind.MODULES: Session._on_modules,
+    Kind.SESSION: Session._on_session,
+    Kind.STATUS: Session._on_status,
+    Kind.SIGNAL_WORKERS: Session._on_signal_workers,
+    Kind.BYE: Session._on_bye,
+    Kind.PING: Session._on_ping,
+}
+WORKER_HANDLERS: dict[int, Callable[[Session, WorkerProcess, Message], bool]] = {
+    Kind.RESULT: Session._on_result,
+    Kind.INIT_FAILED: Session._on_init_failed,
+}

@@ -62,23 +62,13 @@ class Worker:
         self.shipped = ShippedModules()
         self.shipped.install()
         self.init: Message | None = None
-        # What each kind from the node does; a handler returns an exit status to end the loop,
-        # None to go on. A kind missing here is a node this worker does not understand.
-        self.handlers: dict[int, Callable[[Message], int | None]] = {
-            Kind.TASK: self._on_task,
-            Kind.FUNC: self._on_func,
-            Kind.FORGET: self._on_forget,
-            Kind.MODULES: self._on_modules,
-            Kind.INIT: self._on_init,
-            Kind.STOP: self._on_stop,
-        }
 
     def serve(self) -> int:
         """Handle messages until STOP or the node goes away; return the exit status.
 
         A message of a kind the worker does not take is logged, naming the kind, and ends the
         worker with EXIT_UNEXPECTED: ignoring it could leave a task unanswered for ever."""
-        handlers = self.handlers
+        handlers = HANDLERS
         while True:
             try:
                 message = self.channel.receive()
@@ -88,7 +78,7 @@ class Worker:
             if handler is None:
                 log.error("clusterexec worker %d: %s; exiting", os.getpid(), unexpected(message.kind, "from the node"))
                 return EXIT_UNEXPECTED
-            status = handler(message)
+            status = handler(self, message)
             if status is not None:
                 return status
 
@@ -180,6 +170,18 @@ class Worker:
             return STATUS_OK, dumps(results)
         except BaseException as exc:
             return STATUS_ERROR, dumps_failure(exc)
+
+
+# What each kind from the node does (as execnet's Message._types); a handler returns an exit
+# status to end the loop, None to go on. A kind missing here is one this worker does not take.
+HANDLERS: dict[int, Callable[[Worker, Message], int | None]] = {
+    Kind.TASK: Worker._on_task,
+    Kind.FUNC: Worker._on_func,
+    Kind.FORGET: Worker._on_forget,
+    Kind.MODULES: Worker._on_modules,
+    Kind.INIT: Worker._on_init,
+    Kind.STOP: Worker._on_stop,
+}
 
 
 def main(sock: socket.socket, compression: str | None = None) -> None:
