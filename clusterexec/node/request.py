@@ -6,27 +6,38 @@ initializer (``initializer, initargs``), which the node forwards to each worker 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from clusterexec.errors import ProtocolError
 from clusterexec.wire.compression import codec_available
 from clusterexec.wire.frames import ChunkedBuffer, Message
 from clusterexec.wire.messages import INIT, unpack_json
 
 
-@dataclass(frozen=True)
 class SessionRequest:
     """A session's terms: its worker count (within the node's share), the tasks a worker runs
     before it is replaced (0: no limit), the heartbeat interval, whether workers' output goes
     to the client, the codec for results (only one this node has: WELCOME tells the client),
-    and the INIT message for each worker, if the client has an initializer."""
+    and the INIT message for each worker, if the client has an initializer.
 
-    workers: int = 0
-    max_tasks_per_child: int = 0
-    heartbeat_interval: float = 1.0
-    output: bool = False
-    compression: str | None = None
-    init: Message | None = None
+    A plain class, not a dataclass: the node imports this module at start, where a dataclass
+    decorator would cost more than the whole class."""
+
+    __slots__ = ("workers", "max_tasks_per_child", "heartbeat_interval", "output", "compression", "init")
+
+    def __init__(
+        self,
+        workers: int = 0,
+        max_tasks_per_child: int = 0,
+        heartbeat_interval: float = 1.0,
+        output: bool = False,
+        compression: str | None = None,
+        init: Message | None = None,
+    ) -> None:
+        self.workers = workers
+        self.max_tasks_per_child = max_tasks_per_child
+        self.heartbeat_interval = heartbeat_interval
+        self.output = output
+        self.compression = compression
+        self.init = init
 
     @classmethod
     def parse(cls, message: Message, max_workers: int) -> SessionRequest:
