@@ -72,7 +72,19 @@ from clusterexec.wire.handshake import (
     RecordReader,
     record,
 )
-from clusterexec.wire.messages import FUNC, SESSION, TASK, TASK_HEAD, WELCOME, pack_json, unpack_json
+from clusterexec.wire.messages import (
+    FUNC,
+    RESULT,
+    RESULT_HEAD,
+    SESSION,
+    STOP,
+    TASK,
+    TASK_HEAD,
+    WELCOME,
+    kind_name,
+    pack_json,
+    unpack_json,
+)
 from clusterexec.wire.sealing import FRAME_HEADER, Sealer
 
 pytestmark = pytest.mark.timeout(60)
@@ -748,6 +760,21 @@ def test_truncated_frames_end_only_their_own_session(secure_node: SecureNode) ->
     assert secure_node.alive()
     wait_until(lambda: secure_node.fds() <= baseline, what="the node's descriptors to return to the baseline")
     wait_until(lambda: not secure_node.workers(), what="no workers to be left")
+
+
+@pytest.mark.parametrize("kind", [RESULT, STOP, 99])
+def test_a_kind_a_client_does_not_send_ends_only_its_own_session(secure_node: SecureNode, kind: int) -> None:
+    since = secure_node.log.mark()
+    with RawClient(secure_node.endpoint) as client:
+        client.handshake(secure_node.key)
+        client.open_session(workers=1)
+        client.send(kind, RESULT_HEAD.pack(1, 0))
+        assert client.closed_by_peer(5.0)
+    # The log names the kind (RESULT, STOP, unknown kind 99), and the next client is served.
+    expected = f"session from {client.peer}: unexpected message {kind_name(kind)} from the client"
+    secure_node.log.wait_for(expected, "connection closed", since=since)
+    well_behaved_client_is_served(secure_node)
+    wait_until(lambda: not secure_node.workers(), what="the closed session's workers to exit")
 
 
 @pytest.mark.parametrize("max_frame", [65536])

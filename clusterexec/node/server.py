@@ -1,11 +1,14 @@
-"""The node server: accept clients, authenticate them, run one session per client.
+"""The node server: one readiness loop that accepts clients and runs one session per client.
 
 ``python -m clusterexec.node --port 15809 --workers 4 --key-file secret.key``
 
 One thread runs a readiness loop (:mod:`clusterexec.wire.poller`) over the listening socket, every
-client connection and every worker's socketpair. Workers are forked from this process, which
-never imports or unpickles user code, so each session starts from a clean interpreter.
-SIGCHLD, SIGTERM and SIGINT reach the loop through a wakeup socket.
+client connection and every worker's socketpair; the handlers belong to the
+:class:`~clusterexec.node.accept.Acceptor` (new connections and their handshakes), to
+:class:`Node` (client connections) and to :class:`~clusterexec.node.workers.WorkerIO` (worker
+processes). :class:`Node` keeps the loop, signals, timers, flushing and back-pressure. Workers
+are forked from this process, which never imports or unpickles user code, so each session
+starts from a clean interpreter. SIGCHLD, SIGTERM and SIGINT reach the loop through a wakeup socket.
 """
 
 from __future__ import annotations
@@ -21,16 +24,18 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from clusterexec._version import __version__
-from clusterexec.errors import AuthenticationError, ClusterError, ProtocolError, VersionMismatchError
-from clusterexec.node import worker
-from clusterexec.node.libc import die_with_parent, release_freed, tune_malloc
-from clusterexec.node.session import NodeHost, Session, SessionState, WorkerProcess, describe_status
+from clusterexec.errors import ClusterError, ProtocolError
+from clusterexec.node.accept import Acceptor, listen
+from clusterexec.node.host import NodeHost, WorkerProcess
+from clusterexec.node.libc import release_freed, tune_malloc
+from clusterexec.node.session import Session, SessionState
+from clusterexec.node.workers import WorkerIO, fork_worker
 from clusterexec.wire.channel import Channel, ConnectionClosed
 from clusterexec.wire.frames import DEFAULT_MAX_FRAME
-from clusterexec.wire.handshake import HANDSHAKE_TIMEOUT, RecordReader, ServerHandshake, SessionKeys
+from clusterexec.wire.handshake import HANDSHAKE_TIMEOUT, SessionKeys
 from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
 
 if TYPE_CHECKING:
@@ -60,19 +65,6 @@ class NodeConfig:
     tls: ssl.SSLContext | None = None
 
 
-class Pending:
-    """A connection still in its handshake."""
-
-    def __init__(self, sock: socket.socket, peer: str, handshake: ServerHandshake, deadline: float, tls: bool) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.handshake = handshake
-        self.deadline = deadline
-        self.records = RecordReader(max_records=2)
-        self.hello_done = False
-        self.tls_pending = tls
-
-
 def is_loopback(host: str) -> bool:
     """True if ``host`` names only the loopback interface."""
     if host in ("localhost", ""):
@@ -90,42 +82,27 @@ class Node(NodeHost):
         self.config = config
         self.workers_per_session = config.workers or os.cpu_count() or 1
         self.poller = Poller()
-        self.listener = self._listen()
-        self.address = self.listener.getsockname()
-        self.pending: dict[int, Pending] = {}
+        listener = listen(config.host, config.port)
+        self.address = listener.getsockname()
+        offer: dict[str, object] = {"workers": self.workers_per_session}
+        self.acceptor = Acceptor(
+            listener, self.poller, config.key, offer, config.handshake_timeout, config.tls, self.timer_at, self._open
+        )
         self.sessions: dict[int, Session] = {}
-        self.worker_fds: dict[int, tuple[Session, WorkerProcess]] = {}
-        self.worker_pids: dict[int, tuple[Session, WorkerProcess]] = {}
-        self.dying: dict[int, WorkerProcess] = {}
         self.dirty: set[Channel] = set()
         self.write_interest: set[int] = set()
+        self.worker_io = WorkerIO(
+            self.poller, self.want_write, self._forget_channel, self.timer_at, self._end_session_of
+        )
         self.stopping = False
         self.started = time.time()
         # Timers (handshake deadlines, kill deadlines, session ticks) are scanned only when the
         # earliest of them is due, and children are reaped only after a signal: an idle loop
         # iteration costs one epoll_wait, not a scan and a wait4.
         self._timers_due = 0.0
-        self._reap_due = False
-        # The events of the select() being handled (None outside of it): see drain_output().
-        self._batch: list[tuple[int, int, Any]] | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-
-    def _listen(self) -> socket.socket:
-        host = self.config.host
-        infos = socket.getaddrinfo(host, self.config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-        except OSError:
-            sock.close()
-            raise
-        sock.listen(512)
-        sock.setblocking(False)
-        return sock
 
     # ------------------------------------------------------------------ NodeHost
 
@@ -153,131 +130,24 @@ class Node(NodeHost):
         }
 
     def fork_worker(self, sock: socket.socket, output: list[int], compression: str | None = None) -> int:
-        """Fork a worker serving ``sock`` (results compressed with ``compression``, if given);
-        the child never returns from here."""
-        pid = os.fork()
-        if pid:
-            return pid
-        try:
-            for target, fd in zip((1, 2), output, strict=False):
-                os.dup2(fd, target)
-            self._become_worker(sock, compression)
-        finally:
-            os._exit(1)
-
-    def _become_worker(self, sock: socket.socket, compression: str | None) -> None:
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python starts: BrokenPipeError, not death
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        die_with_parent()
-        tune_malloc(keep_freed=False)
-        keep = sock.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 1 << 16)
-        worker.main(sock, compression)
+        """Fork a worker serving ``sock`` (results compressed with ``compression``, if given)."""
+        return fork_worker(sock, output, compression)
 
     def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
         """Start reading a worker's channel (and output pipes) and tracking its pid."""
-        fd = worker.channel.sock.fileno()
-        self.worker_fds[fd] = (session, worker)
-        self.worker_pids[worker.pid] = (session, worker)
-        self.poller.register(fd, EVENT_READ, self._on_worker_readable)
-        for stream, pipe in enumerate(worker.output, start=1):
-            os.set_blocking(pipe, False)
-            self.poller.register(pipe, EVENT_READ, self._output_reader(session, worker, stream))
+        self.worker_io.watch(session, worker)
 
     def signal_workers(self, session: Session, signum: int, grace: float) -> None:
-        """Send ``signum`` to every live worker process of ``session`` (retiring ones too).
-
-        Those still alive ``grace`` seconds later get SIGKILL: a task that ignores SIGTERM cannot
-        keep a session's process alive. Their channels stay watched, so a result sent before the
-        signal is still forwarded, and :meth:`_reap` reports each exit to the session."""
-        deadline = time.monotonic() + grace
-        for pid, (owner, process) in list(self.worker_pids.items()):
-            if owner is not session:
-                continue
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                continue
-            if signum != signal.SIGKILL and pid not in self.dying:
-                process.kill_deadline = deadline
-                self.dying[pid] = process
-                self.timer_at(deadline)
-
-    def _output_reader(self, session: Session, worker: WorkerProcess, stream: int) -> Callable[[int, int], None]:
-        def on_output(fd: int, events: int) -> None:
-            self._read_output(session, worker, stream, fd)
-
-        return on_output
-
-    def _read_output(self, session: Session, worker: WorkerProcess, stream: int, fd: int) -> None:
-        if worker.output[stream - 1] != fd:
-            return  # a stale event: this pipe was closed earlier in the same loop iteration
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            session.on_output(worker, stream, data)
-            return
-        try:
-            self.poller.unregister(fd)
-        except KeyError:
-            pass
-        os.close(fd)
-        worker.output[stream - 1] = -1
+        """Send ``signum`` to every live worker process of ``session``; SIGKILL after ``grace``."""
+        self.worker_io.signal_session(session, signum, grace)
 
     def drain_output(self, session: Session, worker: WorkerProcess) -> None:
-        """Forward what a worker has printed so far (called before forwarding its result).
-
-        Inside an event batch only the pipes that are in the batch are read: a worker writes its
-        output before it sends its result, and a level-triggered epoll reports a pipe that has
-        data in every batch until it is drained, so a pipe missing from the batch that holds the
-        result is empty, and reading it would be a system call per result for nothing."""
-        batch = self._batch
-        if batch is not None and len(batch) == 1:
-            return  # the one event is the worker's socket: no pipe of it has anything
-        ready = None if batch is None else {fd for fd, _events, _handler in batch}
-        for stream, fd in enumerate(worker.output, start=1):
-            if fd >= 0 and (ready is None or fd in ready):
-                self._read_output(session, worker, stream, fd)
+        """Forward what a worker has printed so far (called before forwarding its result)."""
+        self.worker_io.drain_output(session, worker)
 
     def retire_worker(self, worker: WorkerProcess, kill: bool = False) -> None:
         """Stop feeding a worker; with ``kill`` terminate it, SIGKILL after a grace period."""
-        if kill:
-            try:
-                os.kill(worker.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            worker.kill_deadline = time.monotonic() + 2.0
-            self.dying[worker.pid] = worker
-            self.timer_at(worker.kill_deadline)
-            self._unwatch(worker)
-
-    def _unwatch(self, worker: WorkerProcess) -> None:
-        for index, pipe in enumerate(worker.output):
-            if pipe >= 0:
-                try:
-                    self.poller.unregister(pipe)
-                except KeyError:
-                    pass
-                os.close(pipe)
-                worker.output[index] = -1
-        fd = worker.channel.sock.fileno()
-        if fd >= 0 and fd in self.worker_fds:
-            del self.worker_fds[fd]
-            try:
-                self.poller.unregister(fd)
-            except KeyError:
-                pass
-            self.write_interest.discard(fd)
-            self.dirty.discard(worker.channel)
-            worker.channel.close()
+        self.worker_io.retire(worker, kill)
 
     def want_write(self, channel: Channel) -> None:
         """Flush this channel at the end of the loop iteration."""
@@ -296,24 +166,26 @@ class Node(NodeHost):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_stop_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        self.poller.register(self.listener, EVENT_READ, self._on_accept)
+        self.acceptor.start()
         self.poller.register(self._wake_r, EVENT_READ, self._on_wakeup)
         if self.config.exit_with_stdin:
             self.poller.register(sys.stdin.fileno(), EVENT_READ, self._on_stdin)
         if ready is not None:
             ready()
         tune_malloc(keep_freed=True)  # after the ready line: it imports ctypes
+        worker_io = self.worker_io
         while not self.stopping:
             now = time.monotonic()
             if now >= self._timers_due:
                 self._timers_due = now + self._timers(now)
-            self._batch = batch = self.poller.select(max(0.0, self._timers_due - now))
+            # WorkerIO.drain_output() reads the batch being handled.
+            worker_io.batch = batch = self.poller.select(max(0.0, self._timers_due - now))
             for fd, events, handler in batch:
                 handler(fd, events)
-            self._batch = None
-            if self._reap_due:
-                self._reap_due = False
-                self._reap()
+            worker_io.batch = None
+            if worker_io.reap_due:
+                worker_io.reap_due = False
+                worker_io.reap()
             if self.dirty:
                 self._flush()
         self._shutdown()
@@ -322,7 +194,7 @@ class Node(NodeHost):
         self.stopping = True
 
     def _on_wakeup(self, fd: int, events: int) -> None:
-        self._reap_due = True  # a signal arrived: SIGCHLD, or one that stops the node
+        self.worker_io.reap_due = True  # a signal arrived: SIGCHLD, or one that stops the node
         try:
             while self._wake_r.recv(4096):
                 pass
@@ -339,24 +211,10 @@ class Node(NodeHost):
             self.stopping = True
 
     def _timers(self, now: float) -> float:
-        timeout = 1.0
-        for fd, pending in list(self.pending.items()):
-            if now >= pending.deadline:
-                log.warning("handshake from %s timed out; connection closed", pending.peer)
-                self._drop_pending(fd)
-            else:
-                timeout = min(timeout, pending.deadline - now)
+        timeout = self.acceptor.expire(now)
         for session in list(self.sessions.values()):
             timeout = min(timeout, max(0.0, session.tick(now) - now))
-        for pid, dying in list(self.dying.items()):
-            if now >= dying.kill_deadline:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                dying.kill_deadline = now + 3600
-            else:
-                timeout = min(timeout, dying.kill_deadline - now)
+        timeout = min(timeout, self.worker_io.kill_overdue(now))
         return max(timeout, 0.0)
 
     def _flush(self) -> None:
@@ -388,22 +246,10 @@ class Node(NodeHost):
                 continue
             for process in session.workers:
                 fd = process.channel.sock.fileno()
-                if fd in self.worker_fds:
+                if fd in self.worker_io.by_fd:
                     self._update_events(fd)
-                for stream, pipe in enumerate(process.output, start=1):
-                    if pipe < 0:
-                        continue
-                    # Output pipes too: a worker printing without end blocks on its full pipe.
-                    if session.paused:
-                        try:
-                            self.poller.unregister(pipe)
-                        except KeyError:
-                            pass
-                    else:
-                        try:
-                            self.poller.register(pipe, EVENT_READ, self._output_reader(session, process, stream))
-                        except KeyError:
-                            pass
+                # Output pipes too: a worker printing without end blocks on its full pipe.
+                self.worker_io.watch_output(session, process, on=not session.paused)
 
     def _set_write_interest(self, fd: int, want: bool) -> None:
         if want == (fd in self.write_interest):
@@ -415,14 +261,14 @@ class Node(NodeHost):
         self._update_events(fd)
 
     def _update_events(self, fd: int) -> None:
-        entry = self.worker_fds.get(fd)
+        entry = self.worker_io.by_fd.get(fd)
         paused = entry is not None and entry[0].paused
         events = (0 if paused else EVENT_READ) | (EVENT_WRITE if fd in self.write_interest else 0)
         registered = self.poller.get(fd)
         if registered is not None and registered[0] == events:
             return
         # A paused worker with nothing to write is unregistered until the client catches up.
-        handler = registered[1] if registered is not None else self._on_worker_readable
+        handler = registered[1] if registered is not None else self.worker_io.on_readable
         if registered is not None and events:
             self.poller.modify(fd, events, handler)
         elif registered is not None:
@@ -433,100 +279,23 @@ class Node(NodeHost):
     def _on_channel_error(self, fd: int, reason: str) -> None:
         if fd in self.sessions:
             self._end_session(fd, reason)
-        elif fd in self.worker_fds:
-            session, worker = self.worker_fds[fd]
-            self._unwatch(worker)
+        elif fd in self.worker_io.by_fd:
+            session, worker = self.worker_io.by_fd[fd]
+            self.worker_io.unwatch(worker)
 
-    # ------------------------------------------------------------------ handshake
+    def _forget_channel(self, channel: Channel) -> None:
+        """A channel is closed: nothing more to flush on it."""
+        fd = channel.sock.fileno()
+        self.write_interest.discard(fd)
+        self.dirty.discard(channel)
 
-    def _on_accept(self, fd: int, events: int) -> None:
-        for _ in range(64):
-            try:
-                sock, addr = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accept failed: %s", exc)
-                return
-            sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
-            if self.config.tls is not None:
-                sock = self.config.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            handshake = ServerHandshake(self.config.key or b"", {"workers": self.workers_per_session})
-            deadline = time.monotonic() + self.config.handshake_timeout
-            pending = Pending(sock, peer, handshake, deadline, tls=self.config.tls is not None)
-            self.pending[sock.fileno()] = pending
-            self.timer_at(pending.deadline)
-            events = EVENT_READ | (EVENT_WRITE if pending.tls_pending else 0)
-            self.poller.register(sock, events, self._on_handshake)
-
-    def _drop_pending(self, fd: int) -> None:
-        pending = self.pending.pop(fd)
-        self.poller.unregister(fd)
-        pending.sock.close()
-
-    def _on_handshake(self, fd: int, events: int) -> None:
-        pending = self.pending[fd]
-        try:
-            if pending.tls_pending:
-                import ssl
-
-                try:
-                    pending.sock.do_handshake()  # type: ignore[attr-defined]
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    return
-                pending.tls_pending = False
-                self.poller.modify(fd, EVENT_READ, self._on_handshake)
-            data = pending.sock.recv(8192)
-            if not data:
-                raise ConnectionClosed("closed during the handshake")
-            while getattr(pending.sock, "pending", lambda: 0)():
-                data += pending.sock.recv(8192)
-            for rec in pending.records.feed(data):
-                if not pending.hello_done:
-                    pending.sock.sendall(pending.handshake.on_client_hello(rec))
-                    pending.hello_done = True
-                else:
-                    keys = pending.handshake.on_client_proof(rec)
-                    self._promote(fd, pending, keys)
-                    return
-        except (BlockingIOError, InterruptedError):
-            return
-        except VersionMismatchError as exc:
-            log.warning("refused %s: %s", pending.peer, exc)
-            try:
-                pending.sock.sendall(pending.handshake.refusal)
-            except OSError:
-                pass
-            self._drop_pending(fd)
-        except AuthenticationError as exc:
-            log.warning("authentication failed for %s: %s", pending.peer, exc)
-            self._drop_pending(fd)
-        except OSError as exc:
-            tls = sys.modules.get("ssl")  # a TLS socket exists only if ssl was imported
-            if tls is not None and isinstance(exc, (tls.SSLWantReadError, tls.SSLWantWriteError)):
-                return
-            if tls is not None and isinstance(exc, tls.SSLError):
-                log.warning("TLS handshake with %s failed: %s", pending.peer, exc.reason or exc)
-            else:
-                log.warning("handshake with %s failed: %s", pending.peer, exc)
-            self._drop_pending(fd)
-        except (ProtocolError, ConnectionClosed) as exc:
-            log.warning("handshake with %s failed: %s", pending.peer, exc)
-            self._drop_pending(fd)
-        except Exception as exc:  # whatever a stranger sends, the node stays up
-            log.warning("handshake with %s failed unexpectedly: %r", pending.peer, exc)
-            self._drop_pending(fd)
-
-    def _promote(self, fd: int, pending: Pending, keys: SessionKeys) -> None:
-        del self.pending[fd]
-        channel = Channel(pending.sock, keys.sealer(), keys.opener(), self.config.max_frame, chunked=True)
-        session = Session(self, channel, pending.peer, self.workers_per_session)
+    def _open(self, sock: socket.socket, peer: str, keys: SessionKeys, leftover: bytes) -> None:
+        """A connection passed its handshake: it becomes a session."""
+        fd = sock.fileno()
+        channel = Channel(sock, keys.sealer(), keys.opener(), self.config.max_frame, chunked=True)
+        session = Session(self, channel, peer, self.workers_per_session)
         self.sessions[fd] = session
         self.poller.modify(fd, EVENT_READ, self._on_client)
-        leftover = pending.records.leftover()
         if leftover:
             self._handle_client(fd, session, lambda: channel.feed_initial(leftover))
 
@@ -554,6 +323,9 @@ class Node(NodeHost):
         if session.state is SessionState.CLOSED:
             self._end_session(fd, "client said goodbye")
 
+    def _end_session_of(self, session: Session, reason: str) -> None:
+        self._end_session(session.channel.sock.fileno(), reason)
+
     def _end_session(self, fd: int, reason: str) -> None:
         session = self.sessions.pop(fd, None)
         if session is None:
@@ -566,74 +338,12 @@ class Node(NodeHost):
         if not self.sessions:
             release_freed()
 
-    def _on_worker_readable(self, fd: int, events: int) -> None:
-        entry = self.worker_fds.get(fd)
-        if entry is None:
-            return
-        session, worker = entry
-        if events & EVENT_WRITE:
-            self.dirty.add(worker.channel)
-        if not events & EVENT_READ:
-            return
-        try:
-            messages = worker.channel.read()
-        except ConnectionClosed:
-            self._unwatch(worker)
-            self._reap_due = True
-            return
-        except ProtocolError as exc:
-            log.error("worker %d sent garbage (%s); killing it", worker.pid, exc)
-            self._unwatch(worker)
-            os.kill(worker.pid, signal.SIGKILL)
-            return
-        try:
-            session.on_worker_messages(worker, messages)
-        except ProtocolError as exc:
-            log.warning("session from %s: %s; connection closed", session.peer, exc)
-            self._end_session(session.channel.sock.fileno(), str(exc))
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status, rusage = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            self.dying.pop(pid, None)
-            entry = self.worker_pids.pop(pid, None)
-            if entry is None:
-                continue
-            session, worker = entry
-            fd = worker.channel.sock.fileno()
-            if fd in self.worker_fds:
-                # Read what the worker wrote before it died, so a result sent just before
-                # an exit is not mistaken for a crash.
-                self._on_worker_readable(fd, EVENT_READ)
-                self.drain_output(session, worker)
-                self._unwatch(worker)
-            log.debug("worker %d exited: %s", pid, describe_status(status))
-            session.on_worker_exit(worker, status, rusage.ru_maxrss)
-
     def _shutdown(self) -> None:
         log.info("node stopping: ending %d sessions", len(self.sessions))
         for fd in list(self.sessions):
             self._end_session(fd, "node stopping")
-        for fd in list(self.pending):
-            self._drop_pending(fd)
-        self.poller.unregister(self.listener.fileno())
-        self.listener.close()
-        deadline = time.monotonic() + 3.0
-        while self.dying and time.monotonic() < deadline:
-            self._reap()
-            time.sleep(0.01)
-        for pid in list(self.dying):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-        self.dying.clear()
+        self.acceptor.close()
+        self.worker_io.reap_dying(within=3.0)
 
 
 def installed_version(name: str) -> str:

@@ -15,35 +15,26 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 from clusterexec.errors import ProtocolError
+from clusterexec.node.host import NodeHost, WorkerProcess, WorkerState, describe_status, exit_report
+from clusterexec.node.request import SessionRequest
 from clusterexec.wire.channel import Channel
-from clusterexec.wire.compression import codec_available
-from clusterexec.wire.frames import AnyBuffer, ChunkedBuffer, Message
+from clusterexec.wire.frames import AnyBuffer, Message
 from clusterexec.wire.messages import (
     BROKEN,
-    BYE,
-    CANCEL,
     CANCELLED,
     CRASHED,
     FORGET,
     FUNC,
     HEARTBEAT,
-    INIT,
-    INIT_FAILED,
-    MODULES,
     OUTPUT,
     OUTPUT_HEAD,
-    PING,
     RESULT,
     RESULT_HEAD,
-    SESSION,
     SIGNAL_HEAD,
-    SIGNAL_WORKERS,
     STARTED,
-    STATUS,
     STATUS_OK,
     STATUS_REPLY,
     STOP,
@@ -53,9 +44,11 @@ from clusterexec.wire.messages import (
     WELCOME,
     WORKERS_KILL,
     WORKERS_TERMINATE,
+    Kind,
     pack_cancelled,
     pack_ids,
     pack_json,
+    unexpected,
     unpack_ids,
     unpack_json,
 )
@@ -89,32 +82,6 @@ class SessionState(enum.Enum):
     CLOSED = "closed"
 
 
-class WorkerState(enum.Enum):
-    """Where a worker process is in its life."""
-
-    RUNNING = "running"
-    RETIRING = "retiring"
-    KILLED = "killed"
-    SIGNALLED = "signalled at the client's request"
-    DEAD = "dead"
-
-
-@dataclass
-class WorkerProcess:
-    """A worker process of one session, as the node sees it."""
-
-    pid: int
-    channel: Channel
-    state: WorkerState = WorkerState.RUNNING
-    outstanding: deque[tuple[int, Message]] = field(default_factory=deque)
-    functions: set[bytes] = field(default_factory=set)
-    assigned: int = 0
-    busy_since: float = 0.0
-    short: bool = False
-    kill_deadline: float = 0.0
-    output: list[int] = field(default_factory=list)
-
-
 class Session:
     """One authenticated client connection and the workers that serve it."""
 
@@ -135,11 +102,9 @@ class Session:
         self.functions: dict[bytes, Message] = {}
         self.started: dict[int, None] = {}
         self.started_due = 0.0
-        self.init: Message | None = None
+        self.request = SessionRequest()  # the client's terms, once its SESSION message came
         self.modules: list[Message] = []
         self.max_tasks_per_child = 0
-        self.worker_count = 0
-        self.heartbeat_interval = 1.0
         self.next_heartbeat = 0.0
         self.tasks_done = 0
         self.tasks_failed = 0
@@ -147,8 +112,6 @@ class Session:
         self.tasks_cancelled = 0
         self.opened = time.monotonic()
         self.paused = False
-        self.forward_output = False
-        self.compression: str | None = None
         self.stopped_by = ""
 
     # ------------------------------------------------------------------ client side
@@ -158,75 +121,65 @@ class Session:
         self.node.want_write(self.channel)
 
     def on_client_messages(self, messages: list[Message]) -> None:
-        """Handle messages from the client, in order."""
+        """Handle messages from the client, in order.
+
+        Raises ProtocolError for a malformed message or a kind a client does not send (the
+        node then ends this session alone)."""
+        handlers = CLIENT_HANDLERS
         for message in messages:
-            if self.state in (SessionState.CLOSED,):
+            if self.state is SessionState.CLOSED:
                 return
-            kind = message.kind
-            if kind == TASK:
-                if len(message.body) < TASK_HEAD.size:
-                    raise ProtocolError("TASK message is shorter than its header")
-                if self.state is SessionState.HALTED:
-                    # No task starts once the client has stopped its workers.
-                    self._to_client(CANCELLED, pack_cancelled([TASK_ID.unpack_from(message.body, 0)[0]], []))
-                    continue
-                self.queue.append(message)
-            elif kind == FUNC:
-                if len(message.body) < 16:
-                    raise ProtocolError("FUNC message is shorter than its digest")
-                self.functions[bytes(message.body[:16])] = message
-            elif kind == CANCEL:
-                self._cancel(unpack_ids(message.body))
-            elif kind == FORGET:
-                self._forget(bytes(message.body[:16]))
-            elif kind == MODULES:
-                self.modules.append(message)
-                for worker in self.workers:
-                    self._to_worker(worker, message)
-            elif kind == SESSION:
-                self._open(message)
-            elif kind == STATUS:
-                self._to_client(STATUS_REPLY, pack_json(self.node.status()))
-            elif kind == SIGNAL_WORKERS:
-                self._signal_workers(message.body)
-            elif kind == BYE:
-                self.close("client said goodbye")
-                return
-            elif kind != PING:
-                raise ProtocolError(f"unexpected message kind {kind} from the client")
+            handler = handlers.get(message.kind)
+            if handler is None:
+                raise unexpected(message.kind, "from the client")
+            handler(self, message)
         self.dispatch()
 
-    def _open(self, message: Message) -> None:
+    def _on_task(self, message: Message) -> None:
+        if len(message.body) < TASK_HEAD.size:
+            raise ProtocolError("TASK message is shorter than its header")
+        if self.state is SessionState.HALTED:
+            # No task starts once the client has stopped its workers.
+            self._to_client(CANCELLED, pack_cancelled([TASK_ID.unpack_from(message.body, 0)[0]], []))
+            return
+        self.queue.append(message)
+
+    def _on_func(self, message: Message) -> None:
+        if len(message.body) < 16:
+            raise ProtocolError("FUNC message is shorter than its digest")
+        self.functions[bytes(message.body[:16])] = message
+
+    def _on_modules(self, message: Message) -> None:
+        self.modules.append(message)
+        for worker in self.workers:
+            self._to_worker(worker, message)
+
+    def _on_status(self, message: Message) -> None:
+        self._to_client(STATUS_REPLY, pack_json(self.node.status()))
+
+    def _on_bye(self, message: Message) -> None:
+        self.close("client said goodbye")
+
+    def _on_ping(self, message: Message) -> None:
+        pass  # it kept the connection alive by arriving
+
+    def _on_session(self, message: Message) -> None:
         if self.state is not SessionState.WAITING:
             raise ProtocolError("SESSION message sent twice")
-        request = unpack_json(message.body)
-        wanted = request.get("workers") or self.max_workers
-        if not isinstance(wanted, int) or wanted < 1:
-            raise ProtocolError(f"bad worker count {wanted!r} in the session request")
-        self.worker_count = min(wanted, self.max_workers)
-        max_tasks = request.get("max_tasks_per_child") or 0
-        self.max_tasks_per_child = max_tasks if isinstance(max_tasks, int) else 0
-        interval = request.get("heartbeat_interval", 1.0)
-        self.heartbeat_interval = float(interval) if isinstance(interval, (int, float)) else 1.0
-        self.forward_output = request.get("output") is True
-        # The workers compress results only with a codec this node has; WELCOME tells the client.
-        codec = request.get("compression")
-        self.compression = codec if isinstance(codec, str) and codec_available(codec) else None
-        if message.buffers:
-            first = message.buffers[0]
-            body = first.tobytes() if isinstance(first, ChunkedBuffer) else memoryview(first)
-            self.init = Message(INIT, body, list(message.buffers[1:]))
-        for _ in range(self.worker_count):
+        self.request = request = SessionRequest.parse(message, self.max_workers)
+        self.max_tasks_per_child = request.max_tasks_per_child  # read on every dispatch
+        for _ in range(request.workers):
             self._spawn()
         self.state = SessionState.ACTIVE
-        welcome = {"workers": self.worker_count, "compression": self.compression, **self.node.describe()}
+        welcome = {"workers": request.workers, "compression": request.compression, **self.node.describe()}
         self._to_client(WELCOME, pack_json(welcome))
-        self.next_heartbeat = time.monotonic() + self.heartbeat_interval
+        self.next_heartbeat = time.monotonic() + request.heartbeat_interval
         self.node.timer_at(self.next_heartbeat)
-        codec = f", {self.compression} compression" if self.compression else ""
-        log.info("session from %s started with %d workers%s", self.peer, self.worker_count, codec)
+        codec = f", {request.compression} compression" if request.compression else ""
+        log.info("session from %s started with %d workers%s", self.peer, request.workers, codec)
 
-    def _cancel(self, ids: list[int]) -> None:
+    def _on_cancel(self, message: Message) -> None:
+        ids = unpack_ids(message.body)
         wanted = set(ids)
         kept: deque[Message] = deque()
         cancelled: list[int] = []
@@ -241,7 +194,7 @@ class Session:
         done = set(cancelled)
         self._to_client(CANCELLED, pack_cancelled(cancelled, [i for i in ids if i not in done]))
 
-    def _signal_workers(self, body: Buffer) -> None:
+    def _on_signal_workers(self, message: Message) -> None:
         """The client called terminate_workers() or kill_workers(): start no more tasks, cancel
         the queued ones, and signal every worker process of this session.
 
@@ -249,9 +202,9 @@ class Session:
         reaches the client; each task a worker was running is then reported CRASHED, naming
         the method, and the tasks sent ahead to it are reported CANCELLED. Nothing is respawned.
         """
-        if len(body) < SIGNAL_HEAD.size:
+        if len(message.body) < SIGNAL_HEAD.size:
             raise ProtocolError("SIGNAL_WORKERS message is shorter than its header")
-        (how,) = SIGNAL_HEAD.unpack_from(body, 0)
+        (how,) = SIGNAL_HEAD.unpack_from(message.body, 0)
         if how not in WORKER_SIGNALS:
             raise ProtocolError(f"SIGNAL_WORKERS asks for unknown signal kind {how}")
         if self.state not in (SessionState.ACTIVE, SessionState.HALTED):
@@ -267,7 +220,8 @@ class Session:
             self._to_client(CANCELLED, pack_cancelled(cancelled, []))
         log.info("session from %s: %s called; %d workers signalled", self.peer, self.stopped_by, len(self.workers))
 
-    def _forget(self, digest: bytes) -> None:
+    def _on_forget(self, message: Message) -> None:
+        digest = bytes(message.body[:16])
         self.functions.pop(digest, None)
         for worker in self.workers:
             if digest in worker.functions:
@@ -321,8 +275,8 @@ class Session:
 
     def _spawn(self) -> None:
         parent, child = socket.socketpair()
-        pipes = [os.pipe(), os.pipe()] if self.forward_output else []
-        pid = self.node.fork_worker(child, [w for _, w in pipes], self.compression)
+        pipes = [os.pipe(), os.pipe()] if self.request.output else []
+        pid = self.node.fork_worker(child, [w for _, w in pipes], self.request.compression)
         child.close()
         for _, w in pipes:
             os.close(w)
@@ -331,8 +285,8 @@ class Session:
         worker = WorkerProcess(pid, channel, output=[r for r, _ in pipes])
         self.workers.append(worker)
         self.node.watch_worker(self, worker)
-        if self.init is not None:
-            self._to_worker(worker, self.init)
+        if self.request.init is not None:
+            self._to_worker(worker, self.request.init)
         for message in self.modules:
             self._to_worker(worker, message)
 
@@ -341,24 +295,29 @@ class Session:
         self.node.want_write(worker.channel)
 
     def on_worker_messages(self, worker: WorkerProcess, messages: list[Message]) -> None:
-        """Handle messages from one worker: forward results, note failures."""
+        """Handle messages from one worker: forward results, note failures.
+
+        Raises ProtocolError for a malformed message or a kind a worker does not send."""
+        handlers = WORKER_HANDLERS
         for message in messages:
-            if message.kind == RESULT:
-                self._on_result(worker, message)
-            elif message.kind == INIT_FAILED:
-                self._break(unpack_json(message.body))
-                return
-            else:
-                raise ProtocolError(f"unexpected message kind {message.kind} from worker {worker.pid}")
+            handler = handlers.get(message.kind)
+            if handler is None:
+                raise unexpected(message.kind, f"from worker {worker.pid}")
+            if handler(self, worker, message):
+                return  # the session broke: nothing more from this batch counts
         self._retire_spent(worker)
         self.dispatch()
+
+    def _on_init_failed(self, worker: WorkerProcess, message: Message) -> bool:
+        self._break(unpack_json(message.body))
+        return True
 
     def on_output(self, worker: WorkerProcess, stream: int, data: bytes) -> None:
         """Forward what a worker printed to the client (only this session's client)."""
         if self.state is SessionState.ACTIVE:
             self._to_client(OUTPUT, OUTPUT_HEAD.pack(stream, worker.pid) + data)
 
-    def _on_result(self, worker: WorkerProcess, message: Message) -> None:
+    def _on_result(self, worker: WorkerProcess, message: Message) -> bool:
         if worker.output:
             # What the task printed goes out before its result.
             self.node.drain_output(self, worker)
@@ -381,6 +340,7 @@ class Session:
         self.node.tasks_run += 1
         if self.state in (SessionState.ACTIVE, SessionState.HALTED):
             self._to_client(RESULT, message.body, message.buffers)
+        return False
 
     def _retire_spent(self, worker: WorkerProcess) -> None:
         if (
@@ -413,12 +373,7 @@ class Session:
         if worker.outstanding:
             running, _ = worker.outstanding.popleft()
             self.tasks_crashed += 1
-            info = {
-                "pid": worker.pid,
-                "status": description,
-                "exitcode": os.waitstatus_to_exitcode(status),
-                "maxrss_kb": maxrss_kb,
-            }
+            info = exit_report(worker.pid, status, maxrss_kb)
             self._to_client(CRASHED, TASK_ID.pack(running) + pack_json(info))
             log.warning(
                 "worker %d of session %s died (%s) running task %d", worker.pid, self.peer, description, running
@@ -435,13 +390,7 @@ class Session:
         if not worker.outstanding:
             return
         running, _ = worker.outstanding.popleft()
-        info = {
-            "pid": worker.pid,
-            "status": describe_status(status),
-            "exitcode": os.waitstatus_to_exitcode(status),
-            "maxrss_kb": maxrss_kb,
-            "stopped_by": self.stopped_by,
-        }
+        info = {**exit_report(worker.pid, status, maxrss_kb), "stopped_by": self.stopped_by}
         self._to_client(CRASHED, TASK_ID.pack(running) + pack_json(info))
         if worker.outstanding:
             self._to_client(CANCELLED, pack_cancelled([task_id for task_id, _ in worker.outstanding], []))
@@ -472,7 +421,7 @@ class Session:
             self.started_due = 0.0
         if self.state in (SessionState.ACTIVE, SessionState.HALTED, SessionState.BROKEN) and now >= self.next_heartbeat:
             self._to_client(HEARTBEAT)
-            self.next_heartbeat = now + self.heartbeat_interval
+            self.next_heartbeat = now + self.request.heartbeat_interval
         if self.started_due:
             return min(self.started_due, self.next_heartbeat)
         return self.next_heartbeat
@@ -508,57 +457,23 @@ class Session:
         )
 
 
-def describe_status(status: int) -> str:
-    """Describe a wait status: 'exit code 3' or 'killed by SIGKILL'."""
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = f"signal {signum}"
-        return f"killed by {name}"
-    return f"exit code {os.WEXITSTATUS(status)}"
-
-
-class NodeHost:
-    """What a session needs from the node server it lives in (implemented by node.Node)."""
-
-    tasks_run = 0
-
-    def status(self) -> dict[str, object]:
-        """The node's health report (for STATUS requests)."""
-        raise NotImplementedError
-
-    def describe(self) -> dict[str, object]:
-        """Facts about the node for the WELCOME message."""
-        raise NotImplementedError
-
-    def fork_worker(self, sock: socket.socket, output: list[int], compression: str | None = None) -> int:
-        """Fork a worker process serving ``sock`` (stdout and stderr to ``output`` if given;
-        results compressed with ``compression``, if given)."""
-        raise NotImplementedError
-
-    def drain_output(self, session: Session, worker: WorkerProcess) -> None:
-        """Forward whatever a worker has printed so far (called before forwarding its result)."""
-        raise NotImplementedError
-
-    def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
-        """Start reading a worker's channel."""
-        raise NotImplementedError
-
-    def signal_workers(self, session: Session, signum: int, grace: float) -> None:
-        """Send ``signum`` to every live worker process of ``session``; SIGKILL those still
-        alive ``grace`` seconds later. Their channels stay watched until they are reaped."""
-        raise NotImplementedError
-
-    def retire_worker(self, worker: WorkerProcess, kill: bool = False) -> None:
-        """Stop reading a worker's channel; with ``kill``, terminate it."""
-        raise NotImplementedError
-
-    def want_write(self, channel: Channel) -> None:
-        """Note that a channel has output to flush."""
-        raise NotImplementedError
-
-    def timer_at(self, when: float) -> None:
-        """Make sure :meth:`Session.tick` is called by ``when`` (a time.monotonic() value)."""
-        raise NotImplementedError
+# What each message kind does, looked up once per message (as execnet's Message._types): the
+# handlers take the session first. A kind missing here is not the sender's to send, and ends
+# the session with an error naming it. Tables of the class's functions, not of one session's
+# bound methods, so a session holds no cycle through them and is freed as soon as it ends.
+CLIENT_HANDLERS: dict[int, Callable[[Session, Message], None]] = {
+    Kind.TASK: Session._on_task,
+    Kind.FUNC: Session._on_func,
+    Kind.CANCEL: Session._on_cancel,
+    Kind.FORGET: Session._on_forget,
+    Kind.MODULES: Session._on_modules,
+    Kind.SESSION: Session._on_session,
+    Kind.STATUS: Session._on_status,
+    Kind.SIGNAL_WORKERS: Session._on_signal_workers,
+    Kind.BYE: Session._on_bye,
+    Kind.PING: Session._on_ping,
+}
+WORKER_HANDLERS: dict[int, Callable[[Session, WorkerProcess, Message], bool]] = {
+    Kind.RESULT: Session._on_result,
+    Kind.INIT_FAILED: Session._on_init_failed,
+}

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from clusterexec.code.serialize import (
@@ -28,24 +29,24 @@ from clusterexec.wire.compression import unpack
 from clusterexec.wire.frames import Message
 from clusterexec.wire.messages import (
     FLAG_CHUNK,
-    FORGET,
-    FUNC,
-    INIT,
     INIT_FAILED,
-    MODULES,
     RESULT,
     RESULT_HEAD,
     STATUS_ERROR,
     STATUS_OK,
     STATUS_PARTIAL,
-    STOP,
-    TASK,
     TASK_HEAD,
+    Kind,
     pack_json,
+    unexpected,
 )
 from clusterexec.wire.sealing import PlainOpener, PlainSealer
 
 LOGGER = logging.getLogger("concurrent.futures")
+log = logging.getLogger("clusterexec.node")
+
+# The exit status of a worker that received a message kind it does not take.
+EXIT_UNEXPECTED = 3
 
 
 class Worker:
@@ -63,30 +64,47 @@ class Worker:
         self.init: Message | None = None
 
     def serve(self) -> int:
-        """Handle messages until STOP or the node goes away; return the exit status."""
+        """Handle messages until STOP or the node goes away; return the exit status.
+
+        A message of a kind the worker does not take is logged, naming the kind, and ends the
+        worker with EXIT_UNEXPECTED: ignoring it could leave a task unanswered for ever."""
+        handlers = HANDLERS
         while True:
             try:
                 message = self.channel.receive()
             except ConnectionClosed:
                 return 0
-            kind = message.kind
-            if kind == TASK:
-                if self.init is not None:
-                    init, self.init = self.init, None
-                    if not self.run_initializer(init):
-                        return 1
-                self.run_task(message)
-            elif kind == MODULES:
-                self.shipped.add(*unpack(message.body, message.buffers))
-            elif kind == FUNC:
-                self.functions[bytes(message.body[:16])] = unpack(memoryview(message.body)[16:], message.buffers)
-            elif kind == FORGET:
-                self.functions.pop(bytes(message.body[:16]), None)
-            elif kind == INIT:
-                # Run just before the first task, once the modules it may need have arrived.
-                self.init = message
-            elif kind == STOP:
-                return 0
+            handler = handlers.get(message.kind)
+            if handler is None:
+                log.error("clusterexec worker %d: %s; exiting", os.getpid(), unexpected(message.kind, "from the node"))
+                return EXIT_UNEXPECTED
+            status = handler(self, message)
+            if status is not None:
+                return status
+
+    def _on_task(self, message: Message) -> int | None:
+        if self.init is not None:
+            init, self.init = self.init, None
+            if not self.run_initializer(init):
+                return 1
+        self.run_task(message)
+        return None
+
+    def _on_func(self, message: Message) -> None:
+        self.functions[bytes(message.body[:16])] = unpack(memoryview(message.body)[16:], message.buffers)
+
+    def _on_forget(self, message: Message) -> None:
+        self.functions.pop(bytes(message.body[:16]), None)
+
+    def _on_modules(self, message: Message) -> None:
+        self.shipped.add(*unpack(message.body, message.buffers))
+
+    def _on_init(self, message: Message) -> None:
+        # Run just before the first task, once the modules it may need have arrived.
+        self.init = message
+
+    def _on_stop(self, message: Message) -> int:
+        return 0
 
     def run_initializer(self, message: Message) -> bool:
         """Run the session's initializer; on failure tell the node (and so the client), return False."""
@@ -152,6 +170,18 @@ class Worker:
             return STATUS_OK, dumps(results)
         except BaseException as exc:
             return STATUS_ERROR, dumps_failure(exc)
+
+
+# What each kind from the node does (as execnet's Message._types); a handler returns an exit
+# status to end the loop, None to go on. A kind missing here is one this worker does not take.
+HANDLERS: dict[int, Callable[[Worker, Message], int | None]] = {
+    Kind.TASK: Worker._on_task,
+    Kind.FUNC: Worker._on_func,
+    Kind.FORGET: Worker._on_forget,
+    Kind.MODULES: Worker._on_modules,
+    Kind.INIT: Worker._on_init,
+    Kind.STOP: Worker._on_stop,
+}
 
 
 def main(sock: socket.socket, compression: str | None = None) -> None:

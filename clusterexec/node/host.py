@@ -1,0 +1,115 @@
+"""What a session and the node it lives in share: the :class:`NodeHost` interface a
+:class:`~clusterexec.node.session.Session` reaches its node through, and the record of a
+worker process both of them keep.
+
+The seam lets a session run against any host: the node server
+(:class:`~clusterexec.node.server.Node`), or a fake one in a test.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import socket
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from clusterexec.wire.channel import Channel
+from clusterexec.wire.frames import Message
+
+if TYPE_CHECKING:
+    from clusterexec.node.session import Session
+
+
+class WorkerState(enum.Enum):
+    """Where a worker process is in its life."""
+
+    RUNNING = "running"
+    RETIRING = "retiring"
+    KILLED = "killed"
+    SIGNALLED = "signalled at the client's request"
+    DEAD = "dead"
+
+
+@dataclass
+class WorkerProcess:
+    """A worker process of one session, as the node sees it."""
+
+    pid: int
+    channel: Channel
+    state: WorkerState = WorkerState.RUNNING
+    outstanding: deque[tuple[int, Message]] = field(default_factory=deque)
+    functions: set[bytes] = field(default_factory=set)
+    assigned: int = 0
+    busy_since: float = 0.0
+    short: bool = False
+    kill_deadline: float = 0.0
+    output: list[int] = field(default_factory=list)
+
+
+def describe_status(status: int) -> str:
+    """Describe a wait status: 'exit code 3' or 'killed by SIGKILL'."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"killed by {name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+def exit_report(pid: int, status: int, maxrss_kb: int) -> dict[str, object]:
+    """How a worker process ended, for the client's CRASHED message."""
+    return {
+        "pid": pid,
+        "status": describe_status(status),
+        "exitcode": os.waitstatus_to_exitcode(status),
+        "maxrss_kb": maxrss_kb,
+    }
+
+
+class NodeHost:
+    """What a session needs from the node server it lives in (implemented by node.Node)."""
+
+    tasks_run = 0
+
+    def status(self) -> dict[str, object]:
+        """The node's health report (for STATUS requests)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, object]:
+        """Facts about the node for the WELCOME message."""
+        raise NotImplementedError
+
+    def fork_worker(self, sock: socket.socket, output: list[int], compression: str | None = None) -> int:
+        """Fork a worker process serving ``sock`` (stdout and stderr to ``output`` if given;
+        results compressed with ``compression``, if given)."""
+        raise NotImplementedError
+
+    def drain_output(self, session: Session, worker: WorkerProcess) -> None:
+        """Forward whatever a worker has printed so far (called before forwarding its result)."""
+        raise NotImplementedError
+
+    def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
+        """Start reading a worker's channel."""
+        raise NotImplementedError
+
+    def signal_workers(self, session: Session, signum: int, grace: float) -> None:
+        """Send ``signum`` to every live worker process of ``session``; SIGKILL those still
+        alive ``grace`` seconds later. Their channels stay watched until they are reaped."""
+        raise NotImplementedError
+
+    def retire_worker(self, worker: WorkerProcess, kill: bool = False) -> None:
+        """Stop reading a worker's channel; with ``kill``, terminate it."""
+        raise NotImplementedError
+
+    def want_write(self, channel: Channel) -> None:
+        """Note that a channel has output to flush."""
+        raise NotImplementedError
+
+    def timer_at(self, when: float) -> None:
+        """Make sure :meth:`Session.tick` is called by ``when`` (a time.monotonic() value)."""
+        raise NotImplementedError
