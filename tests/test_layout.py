@@ -108,15 +108,6 @@ def _class_sizes(module: Module) -> list[tuple[str, int]]:
     ]
 
 
-OVERSIZED_TODAY = {"node/server.py", "node/session.py"}
-
-
-@pytest.mark.xfail(
-    reason="node/server.py (653 lines, class Node 551) and node/session.py (564) are too large; the "
-    "node/ split is making them smaller",
-    raises=KnownDebt,
-    strict=True,
-)
 def test_modules_and_classes_stay_small() -> None:
     """No module over 500 lines and no class over 400: past that, look for the second responsibility."""
     offenders: dict[str, list[str]] = {}
@@ -129,7 +120,7 @@ def test_modules_and_classes_stay_small() -> None:
                 offenders.setdefault(module.relpath, []).append(
                     f"class {name}: {size} lines (at most {MAX_CLASS_LINES})"
                 )
-    fail_if_any(offenders, "too large", known=OVERSIZED_TODAY)
+    fail_if_any(offenders, "too large")
 
 
 # concurrent.futures.Future's private fields, and its state names (module concurrent.futures._base).

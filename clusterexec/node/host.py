@@ -14,13 +14,10 @@ import signal
 import socket
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from clusterexec.wire.channel import Channel
 from clusterexec.wire.frames import Message
-
-if TYPE_CHECKING:
-    from clusterexec.node.session import Session
 
 
 class WorkerState(enum.Enum):
@@ -71,6 +68,26 @@ def exit_report(pid: int, status: int, maxrss_kb: int) -> dict[str, object]:
     }
 
 
+class WorkerOwner(Protocol):
+    """What the node calls back on the session a worker belongs to (implemented by Session):
+    the worker's messages, its output, its exit. Declared here so that this module does not
+    import the session module, which imports it."""
+
+    peer: str
+    workers: list[WorkerProcess]
+    channel: Channel  # to the client
+    paused: bool  # its workers are not read while its client is behind
+
+    def on_worker_messages(self, worker: WorkerProcess, messages: list[Message]) -> None:
+        """Handle messages the worker sent."""
+
+    def on_output(self, worker: WorkerProcess, stream: int, data: bytes) -> None:
+        """Forward what the worker printed (stream 1 stdout, 2 stderr)."""
+
+    def on_worker_exit(self, worker: WorkerProcess, status: int, maxrss_kb: int) -> None:
+        """The worker process ended with wait status ``status``."""
+
+
 class NodeHost:
     """What a session needs from the node server it lives in (implemented by node.Node)."""
 
@@ -89,15 +106,15 @@ class NodeHost:
         results compressed with ``compression``, if given)."""
         raise NotImplementedError
 
-    def drain_output(self, session: Session, worker: WorkerProcess) -> None:
+    def drain_output(self, session: WorkerOwner, worker: WorkerProcess) -> None:
         """Forward whatever a worker has printed so far (called before forwarding its result)."""
         raise NotImplementedError
 
-    def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
+    def watch_worker(self, session: WorkerOwner, worker: WorkerProcess) -> None:
         """Start reading a worker's channel."""
         raise NotImplementedError
 
-    def signal_workers(self, session: Session, signum: int, grace: float) -> None:
+    def signal_workers(self, session: WorkerOwner, signum: int, grace: float) -> None:
         """Send ``signum`` to every live worker process of ``session``; SIGKILL those still
         alive ``grace`` seconds later. Their channels stay watched until they are reaped."""
         raise NotImplementedError

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from clusterexec._version import __version__
 from clusterexec.errors import ClusterError, ProtocolError
 from clusterexec.node.accept import Acceptor, listen
-from clusterexec.node.host import NodeHost, WorkerProcess
+from clusterexec.node.host import NodeHost, WorkerOwner, WorkerProcess
 from clusterexec.node.libc import release_freed, tune_malloc
 from clusterexec.node.session import Session, SessionState
 from clusterexec.node.workers import WorkerIO, fork_worker
@@ -133,15 +133,15 @@ class Node(NodeHost):
         """Fork a worker serving ``sock`` (results compressed with ``compression``, if given)."""
         return fork_worker(sock, output, compression)
 
-    def watch_worker(self, session: Session, worker: WorkerProcess) -> None:
+    def watch_worker(self, session: WorkerOwner, worker: WorkerProcess) -> None:
         """Start reading a worker's channel (and output pipes) and tracking its pid."""
         self.worker_io.watch(session, worker)
 
-    def signal_workers(self, session: Session, signum: int, grace: float) -> None:
+    def signal_workers(self, session: WorkerOwner, signum: int, grace: float) -> None:
         """Send ``signum`` to every live worker process of ``session``; SIGKILL after ``grace``."""
         self.worker_io.signal_session(session, signum, grace)
 
-    def drain_output(self, session: Session, worker: WorkerProcess) -> None:
+    def drain_output(self, session: WorkerOwner, worker: WorkerProcess) -> None:
         """Forward what a worker has printed so far (called before forwarding its result)."""
         self.worker_io.drain_output(session, worker)
 
@@ -323,7 +323,7 @@ class Node(NodeHost):
         if session.state is SessionState.CLOSED:
             self._end_session(fd, "client said goodbye")
 
-    def _end_session_of(self, session: Session, reason: str) -> None:
+    def _end_session_of(self, session: WorkerOwner, reason: str) -> None:
         self._end_session(session.channel.sock.fileno(), reason)
 
     def _end_session(self, fd: int, reason: str) -> None:

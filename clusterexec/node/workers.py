@@ -14,17 +14,14 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from clusterexec.errors import ProtocolError
 from clusterexec.node import worker as worker_loop
-from clusterexec.node.host import WorkerProcess, describe_status
+from clusterexec.node.host import WorkerOwner, WorkerProcess, describe_status
 from clusterexec.node.libc import die_with_parent, tune_malloc
 from clusterexec.wire.channel import Channel, ConnectionClosed
 from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
-
-if TYPE_CHECKING:
-    from clusterexec.node.session import Session
 
 log = logging.getLogger("clusterexec.node")
 
@@ -74,22 +71,22 @@ class WorkerIO:
         want_write: Callable[[Channel], None],
         forget: Callable[[Channel], None],
         timer_at: Callable[[float], None],
-        end_session: Callable[[Session, str], None],
+        end_session: Callable[[WorkerOwner, str], None],
     ) -> None:
         self.poller = poller
         self._want_write = want_write
         self._forget = forget
         self._timer_at = timer_at
         self._end_session = end_session
-        self.by_fd: dict[int, tuple[Session, WorkerProcess]] = {}
-        self.by_pid: dict[int, tuple[Session, WorkerProcess]] = {}
+        self.by_fd: dict[int, tuple[WorkerOwner, WorkerProcess]] = {}
+        self.by_pid: dict[int, tuple[WorkerOwner, WorkerProcess]] = {}
         self.dying: dict[int, WorkerProcess] = {}
         # Set when a child may have exited (SIGCHLD, a closed channel): the loop then calls reap().
         self.reap_due = False
         # The events of the select() being handled (None outside of it): see drain_output().
         self.batch: list[tuple[int, int, Any]] | None = None
 
-    def watch(self, session: Session, worker: WorkerProcess) -> None:
+    def watch(self, session: WorkerOwner, worker: WorkerProcess) -> None:
         """Start reading a worker's channel (and output pipes) and tracking its pid."""
         fd = worker.channel.sock.fileno()
         self.by_fd[fd] = (session, worker)
@@ -126,13 +123,13 @@ class WorkerIO:
             log.warning("session from %s: %s; connection closed", session.peer, exc)
             self._end_session(session, str(exc))
 
-    def _output_reader(self, session: Session, worker: WorkerProcess, stream: int) -> Callable[[int, int], None]:
+    def _output_reader(self, session: WorkerOwner, worker: WorkerProcess, stream: int) -> Callable[[int, int], None]:
         def on_output(fd: int, events: int) -> None:
             self._read_output(session, worker, stream, fd)
 
         return on_output
 
-    def _read_output(self, session: Session, worker: WorkerProcess, stream: int, fd: int) -> None:
+    def _read_output(self, session: WorkerOwner, worker: WorkerProcess, stream: int, fd: int) -> None:
         if worker.output[stream - 1] != fd:
             return  # a stale event: this pipe was closed earlier in the same loop iteration
         try:
@@ -151,7 +148,7 @@ class WorkerIO:
         os.close(fd)
         worker.output[stream - 1] = -1
 
-    def drain_output(self, session: Session, worker: WorkerProcess) -> None:
+    def drain_output(self, session: WorkerOwner, worker: WorkerProcess) -> None:
         """Forward what a worker has printed so far (called before forwarding its result).
 
         Inside an event batch only the pipes that are in the batch are read: a worker writes its
@@ -166,7 +163,7 @@ class WorkerIO:
             if fd >= 0 and (ready is None or fd in ready):
                 self._read_output(session, worker, stream, fd)
 
-    def watch_output(self, session: Session, worker: WorkerProcess, on: bool) -> None:
+    def watch_output(self, session: WorkerOwner, worker: WorkerProcess, on: bool) -> None:
         """Start or stop reading a worker's output pipes (back-pressure: a worker printing
         without end then blocks on its full pipe)."""
         for stream, pipe in enumerate(worker.output, start=1):
@@ -192,7 +189,7 @@ class WorkerIO:
             self._timer_at(worker.kill_deadline)
             self.unwatch(worker)
 
-    def signal_session(self, session: Session, signum: int, grace: float) -> None:
+    def signal_session(self, session: WorkerOwner, signum: int, grace: float) -> None:
         """Send ``signum`` to every live worker process of ``session`` (retiring ones too).
 
         Those still alive ``grace`` seconds later get SIGKILL: a task that ignores SIGTERM cannot
