@@ -35,7 +35,7 @@ from clusterexec.launch.bootstrap import command, startup_input
 from clusterexec.launch.specs import NodeAddress, SshSpec
 from clusterexec.wire.compression import check_codec
 
-log = logging.getLogger("clusterexec.launch.ssh")
+log = logging.getLogger("clusterexec.ssh")
 
 OPTIONS = ("python", "workers", "key_filename", "known_hosts", "accept_unknown_host", "connect_timeout", "compress")
 READY_LINE = re.compile(r"clusterexec node listening on (\S+):(\d+) \((\d+) workers\)")
@@ -124,7 +124,7 @@ class SshNode:
     Then ``address`` (a 127.0.0.1 port forwarding to the node) and ``key`` (the fresh key the node
     was started with) are what a client connects with; ``workers`` is the node's worker count and
     ``where`` its name for messages (``user@host[:port]``). What the node process prints (its
-    logs) goes line by line to the ``clusterexec.launch.ssh`` logger, prefixed by ``[user@host]``: its
+    logs) goes line by line to the ``clusterexec.ssh`` logger, prefixed by ``[user@host]``: its
     stderr at WARNING, its stdout at INFO. Use as a context manager, or call :meth:`stop`.
     """
 
