@@ -53,7 +53,7 @@ from clusterexec import ClusterExecutor  # noqa: E402
 READY = b"listening on "
 
 FULL = {"tiny": 2000, "lognormal_tasks": 400, "many_tiny": 4000}
-QUICK = {"tiny": 600, "lognormal_tasks": 160, "many_tiny": 1500}
+QUICK = {"tiny": 600, "lognormal_tasks": 400, "many_tiny": 1500}
 
 
 class Nodes:

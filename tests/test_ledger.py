@@ -159,7 +159,7 @@ def test_capacity_follows_the_interval_between_results() -> None:
     for _ in range(200):
         sent = task()
         ledger.record_sent(sent)
-        now += 1e-6
+        now += 1e-8
         ledger.take_result(sent.task_id, now)
     assert ledger.capacity(2) == 2 + MAX_PREFETCH
 
@@ -185,3 +185,54 @@ def test_stats_count_tasks_waiting_on_the_node_running_done_and_failed() -> None
 
     stats = ledger.stats()
     assert (stats.queued, stats.in_flight, stats.done, stats.failed) == (2, 1, 1, 1)
+
+
+def test_capacity_covers_the_round_trip_of_the_link() -> None:
+    near, far = NodeLedger(), NodeLedger()
+    for ledger, rtt in ((near, 0.0002), (far, 0.02)):
+        ledger.seed_rtt(rtt)
+        now = 0.0
+        for _ in range(100):  # results every 100 us once the pipe is full
+            sent = task()
+            ledger.record_sent(sent, now)
+            now += 1e-4
+            ledger.take_result(sent.task_id, now)
+    # Enough in flight for the work of the link's round trips (and a few ms more) at that pace.
+    assert far.capacity(1) > near.capacity(1) * 5
+    assert far.capacity(1) >= 1 + int((PREFETCH_SECONDS + 2 * 0.02) / 1e-4) - 1
+
+
+def test_tasks_sent_to_a_free_worker_measure_the_round_trip() -> None:
+    ledger = NodeLedger()
+    ledger.seed_rtt(0.001)  # the handshake's
+    ledger.seed_rtt(0.5)  # a seed never replaces an estimate
+    assert ledger.rtt == 0.001
+    for i in range(30):
+        sent = task()
+        sent.to_idle = True
+        ledger.record_sent(sent, now=float(i))
+        ledger.take_result(sent.task_id, float(i) + 0.02)  # the link got slower: 20 ms now
+    assert ledger.rtt == pytest.approx(0.02, rel=0.01)
+    queued = task()  # sent behind busy workers: its wait is not the link's
+    ledger.record_sent(queued, now=100.0)
+    ledger.take_result(queued.task_id, 105.0)
+    assert ledger.rtt == pytest.approx(0.02, rel=0.01)
+
+
+def test_tasks_sent_ahead_can_be_withdrawn_newest_first_until_they_start() -> None:
+    ledger = NodeLedger()
+    ahead = []
+    for _ in range(5):
+        sent = task()
+        sent.state = TaskState.SENT  # as the dispatcher leaves a task sent ahead of the free workers
+        ledger.record_sent(sent)
+        ahead.append(sent)
+    ledger.started(ahead[4].task_id)  # the newest has started meanwhile: it stays
+    taken = ledger.to_withdraw(2)
+    assert [t.task_id for t in taken] == [ahead[3].task_id, ahead[2].task_id]
+    assert all(t.withdrawing for t in taken) and ledger.withdrawing == 2
+    assert ledger.to_withdraw(5) == [ahead[1], ahead[0]]  # not the ones already asked for
+    for t in taken:
+        ledger.forget(t)  # the node gave them back
+    assert ledger.withdrawing == 2 and set(ledger.ahead) == {ahead[0].task_id, ahead[1].task_id}
+    assert not ledger.reset() or ledger.withdrawing == 0

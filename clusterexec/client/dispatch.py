@@ -15,11 +15,17 @@ from clusterexec.client.tasks import Task
 from clusterexec.code.shipping import ModuleSource, encode_sources
 from clusterexec.errors import ClusterError
 from clusterexec.wire.compression import pack
-from clusterexec.wire.messages import FORGET, FUNC, MODULES, TASK, TASK_HEAD
+from clusterexec.wire.messages import CANCEL, FORGET, FUNC, MODULES, TASK, TASK_HEAD, pack_ids
 
 
 class Dispatcher:
-    """Sends queued and pinned tasks to ready nodes, as far as their capacity goes."""
+    """Sends queued and pinned tasks to ready nodes, as far as their capacity goes, and takes
+    tasks sent ahead back from a busy node for an idle worker elsewhere.
+
+    It looks only at the nodes that may take more (``hungry``) or that just reported (``fresh``),
+    never at every node per task: the client's cost per task does not grow with the number of
+    nodes.
+    """
 
     def __init__(
         self, book: TaskBook, nodes: list[tuple[NodeLink, NodeLedger]], preload: tuple[ModuleSource, ...]
@@ -27,37 +33,95 @@ class Dispatcher:
         self.book = book
         self.nodes = nodes
         self.preload = preload
+        # Nodes that may take more tasks (below their capacity), in round-robin order.
+        self.hungry: dict[NodeLink, NodeLedger] = dict(nodes)
+        # Nodes that reported since the last turn: one of them may have a worker gone idle.
+        self.fresh: dict[NodeLink, NodeLedger] = {}
+        self.now = 0.0
 
-    def dispatch(self, prefetch: bool = True) -> None:
-        """Fill every ready link: first one task per free worker, round robin, then (with
-        ``prefetch``) the tasks sent ahead."""
+    def touch(self, link: NodeLink, ledger: NodeLedger) -> None:
+        """``link`` reported or changed state: it may take tasks, or have an idle worker."""
+        self.hungry[link] = ledger
+        self.fresh[link] = ledger
+
+    def dispatch(self, prefetch: bool = True, now: float = 0.0) -> None:
+        """Fill the nodes that may take more: first one task per free worker, round robin, then
+        (with ``prefetch``) the tasks sent ahead. With nothing queued, take tasks sent ahead back
+        from a busy node for an idle worker."""
         if self.book.stopped_by:
             return  # nothing is sent once the workers are stopped
+        self.now = now
         queue = self.book.queue
-        if not queue and not any(ledger.pinned for _, ledger in self.nodes):
+        if not queue and not self.book.pinned_waiting:
+            if self.fresh:
+                self._rebalance()
             return
-        ready = [(link, ledger) for link, ledger in self.nodes if link.state is LinkState.READY]
-        if not ready:
-            return
+        hungry = self.hungry
+        ready = [(link, ledger) for link, ledger in hungry.items() if link.state is LinkState.READY]
         for link, ledger in ready:
             pinned = ledger.pinned
             while pinned and len(ledger.inflight) < ledger.capacity(link.workers):
                 self._send(link, ledger, pinned.popleft())
-        if not queue:
-            return
-        for ahead in (False, True) if prefetch else (False,):
-            progress = True
-            while queue and progress:
-                progress = False
-                for link, ledger in ready:
-                    if queue and len(ledger.inflight) < (ledger.capacity(link.workers) if ahead else link.workers):
+            while queue and len(ledger.inflight) < link.workers:
+                self._send(link, ledger, queue.popleft())
+        if prefetch:
+            active = ready
+            while queue and active:
+                still = []
+                for link, ledger in active:
+                    if not queue:
+                        break
+                    if len(ledger.inflight) < ledger.capacity(link.workers):
                         self._send(link, ledger, queue.popleft())
-                        progress = True
+                        still.append((link, ledger))
+                active = still
+        if self.book.pinned_waiting:
+            self.book.pinned_waiting = any(ledger.pinned for _, ledger in self.nodes)
+        for link, ledger in list(hungry.items()):
+            if link.state is not LinkState.READY or len(ledger.inflight) >= ledger.capacity(link.workers):
+                del hungry[link]
+        if not queue:
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """No worker idles while a task sent ahead to another node has not started: for each
+        node that just reported with a free worker, ask the busiest node for tasks it has not
+        started (CANCEL; the node answers with those it took back, which go to the queue)."""
+        fresh, self.fresh = self.fresh, {}
+        for link, ledger in fresh.items():
+            idle = link.workers - len(ledger.inflight)
+            if idle <= 0 or link.state is not LinkState.READY:
+                continue
+            victim = self._busiest(link, ledger)
+            if victim is None:
+                return  # nothing sent ahead anywhere is worth taking back
+            victim_link, victim_ledger = victim
+            tasks = victim_ledger.to_withdraw(idle)
+            if tasks and victim_link.channel is not None:
+                victim_link.channel.send(CANCEL, pack_ids([task.task_id for task in tasks]))
+                self.book.dirty[victim_link] = victim_ledger
+
+    def _busiest(self, thief: NodeLink, thief_ledger: NodeLedger) -> tuple[NodeLink, NodeLedger] | None:
+        """The node whose tasks sent ahead wait longest, if taking one back beats waiting: the
+        round trips to ask and to resend cost less than the wait."""
+        best: tuple[NodeLink, NodeLedger] | None = None
+        best_wait = 0.0
+        for link, ledger in self.nodes:
+            if link is thief or not ledger.ahead or ledger.withdrawing or link.state is not LinkState.READY:
+                continue
+            wait = ledger.queued_seconds()
+            if wait > best_wait:
+                best, best_wait = (link, ledger), wait
+        if best is None or best_wait <= best[1].rtt + 2 * thief_ledger.rtt:
+            return None
+        return best
 
     def _send(self, link: NodeLink, ledger: NodeLedger, task: Task) -> bool:
-        if not task.mark_sent(to_idle_worker=len(ledger.inflight) < link.workers):
+        to_idle = len(ledger.inflight) < link.workers
+        if not task.mark_sent(to_idle_worker=to_idle):
             self.book.drop(task)
             return False
+        task.to_idle = to_idle
         channel = link.channel
         assert channel is not None
         function = task.function
@@ -71,7 +135,7 @@ class Dispatcher:
             if link.codec:
                 body, buffers = pack(body, buffers, link.codec)
             channel.send(MODULES, body, buffers)
-        forget = ledger.record_sent(task)
+        forget = ledger.record_sent(task, self.now)
         if forget is not None:  # the session lacks the function: make room, then send it
             for digest in forget:
                 channel.send(FORGET, digest)
@@ -80,6 +144,7 @@ class Dispatcher:
         # Usually packed already, by the submitting thread (see ClusterExecutor._queue).
         args = task.payload.packed(link.codec) if link.codec else task.payload
         channel.send(TASK, TASK_HEAD.pack(task.task_id, function.digest, task.flags) + args.body, args.buffers)
+        self.book.dirty[link] = ledger
         task.link = link
         return True
 

@@ -15,14 +15,19 @@ from clusterexec.client.report import NodeStats
 from clusterexec.client.tasks import Reply, Task, TaskState
 from clusterexec.code.shipping import ModuleSource
 
-# Prefetch: beyond one task per worker, a node gets about PREFETCH_SECONDS of work queued on it
-# (estimated from the interval between results), between MIN_ and MAX_PREFETCH tasks. Long
-# tasks get one task of look-ahead, so work stays balanced over nodes; tiny tasks get deep
-# pipelines, so the node never waits for the client.
+# Prefetch: beyond one task per worker, a node gets the work it does in PREFETCH_SECONDS plus
+# PREFETCH_RTTS round trips of its link (the bandwidth-delay product, with room to grow: while
+# the pipe runs dry, results come once per round trip and the estimate of the interval between
+# them is too long), estimated from the interval between results, between MIN_ and MAX_PREFETCH
+# tasks. Long tasks get one task of look-ahead, so work stays balanced over nodes (and what is
+# sent ahead can be taken back for an idle worker); tiny tasks get deep pipelines, so the node
+# never waits for the client, across a rack or a continent.
 PREFETCH_SECONDS = 0.004
+PREFETCH_RTTS = 2.0
 MIN_PREFETCH = 1
-MAX_PREFETCH = 512
+MAX_PREFETCH = 4096
 INITIAL_INTERVAL = 0.01
+RTT_WEIGHT = 0.3  # of a new round-trip sample in the estimate
 
 # A session's function cache: past either bound, functions no task in flight uses are forgotten,
 # least recently used first.
@@ -41,12 +46,19 @@ class NodeLedger:
         self.function_refs: dict[bytes, int] = {}  # digest -> tasks in flight that use it
         self.modules_sent: set[bytes] = set()
         self.status_waiters: list[Reply] = []
+        # Tasks sent ahead of the free workers and not known to have started: those can still be
+        # taken back (withdrawn) for an idle worker elsewhere. Oldest first.
+        self.ahead: dict[int, Task] = {}
+        self.withdrawing = 0  # tasks asked back and not yet answered for
         # Of the node, across sessions: tasks given with submit_to wait here for it to come back.
         self.pinned: deque[Task] = deque()
         self.tasks_done = 0
         self.tasks_failed = 0
         self.last_result = 0.0
         self.result_interval = INITIAL_INTERVAL
+        # The link's round-trip time: seeded by the handshake, then measured by tasks sent to a
+        # free worker (sent to result, nothing queued ahead of them on the node).
+        self.rtt = 0.0
 
     def reset(self) -> list[Task]:
         """Forget the old session: the tasks in flight (returned, oldest first, for the caller
@@ -57,6 +69,8 @@ class NodeLedger:
         self.functions.clear()
         self.function_refs.clear()
         self.modules_sent.clear()
+        self.ahead.clear()
+        self.withdrawing = 0
         waiters, self.status_waiters = self.status_waiters, []
         for reply in waiters:
             reply.answer(None)
@@ -66,14 +80,23 @@ class NodeLedger:
 
     def capacity(self, workers: int) -> int:
         """How many tasks may be in flight on a node with ``workers`` workers: one per worker
-        plus prefetch."""
-        extra = int(PREFETCH_SECONDS / max(self.result_interval, 1e-7))
+        plus prefetch, enough to cover the link's round trip."""
+        ahead = PREFETCH_SECONDS + PREFETCH_RTTS * self.rtt
+        extra = int(ahead / max(self.result_interval, 1e-7))
         return workers + max(MIN_PREFETCH, min(MAX_PREFETCH, extra), workers)
 
-    def record_sent(self, task: Task) -> list[bytes] | None:
-        """Count ``task`` in flight on the node. Returns None if the session holds the task's
-        function already; otherwise the function must be sent, after FORGET for each digest
-        returned (evicted to make room)."""
+    def seed_rtt(self, seconds: float) -> None:
+        """A first round-trip estimate (the handshake's), kept until tasks measure it."""
+        if not self.rtt:
+            self.rtt = seconds
+
+    def record_sent(self, task: Task, now: float = 0.0) -> list[bytes] | None:
+        """Count ``task`` in flight on the node (sent at ``now``). Returns None if the session
+        holds the task's function already; otherwise the function must be sent, after FORGET for
+        each digest returned (evicted to make room)."""
+        task.sent_at = now
+        if task.state is TaskState.SENT:
+            self.ahead[task.task_id] = task
         digest = task.function.digest
         functions = self.functions
         if digest in functions:
@@ -111,11 +134,44 @@ class NodeLedger:
             if self.last_result:
                 self.result_interval += 0.1 * (now - self.last_result - self.result_interval)
             self.last_result = now
+            self.ahead.pop(task_id, None)
+            if task.to_idle and task.sent_at:
+                # Sent to a free worker: its time out and back is the link's round trip plus
+                # the task's own run, which for the tiny tasks that need deep pipelines is small.
+                sample = now - task.sent_at
+                self.rtt = sample if not self.rtt else self.rtt + RTT_WEIGHT * (sample - self.rtt)
         return task
 
+    def started(self, task_id: int) -> None:
+        """A task sent ahead has started on a worker: it can no longer be withdrawn."""
+        self.ahead.pop(task_id, None)
+
+    def to_withdraw(self, count: int) -> list[Task]:
+        """Up to ``count`` tasks sent ahead, newest first (the last in line on the node), now
+        marked as being asked back."""
+        tasks: list[Task] = []
+        for task_id in reversed(list(self.ahead)):
+            if len(tasks) >= count:
+                break
+            task = self.ahead[task_id]
+            if not task.withdrawing and not task.replies:
+                task.withdrawing = True
+                tasks.append(task)
+        self.withdrawing += len(tasks)
+        return tasks
+
+    def queued_seconds(self) -> float:
+        """About how long the tasks sent ahead here will wait for a worker."""
+        return len(self.ahead) * self.result_interval
+
     def forget(self, task: Task) -> None:
-        """A task sent here is over: it is no longer in flight, nor does it hold its function."""
+        """A task sent here is over (or withdrawn): it is no longer in flight, nor does it hold
+        its function."""
         self.inflight.pop(task.task_id, None)
+        self.ahead.pop(task.task_id, None)
+        if task.withdrawing:
+            task.withdrawing = False
+            self.withdrawing -= 1
         refs = self.function_refs
         digest = task.function.digest
         count = refs.get(digest, 0) - 1

@@ -119,6 +119,10 @@ class NodeLink:
         self._handshake: ClientHandshake | None = None
         self._records = RecordReader(max_records=1)
         self.deadline = 0.0
+        # The round trip of the handshake (ClientHello out, ServerHello in): the first estimate
+        # of the link's round-trip time, before any task has measured it.
+        self.handshake_rtt = 0.0
+        self._hello_sent = 0.0
         self.error: ClusterError | None = None
         self.info: dict[str, object] = {}
         self.workers = 0
@@ -253,6 +257,7 @@ class NodeLink:
         assert self.sock is not None
         info = {"python": platform.python_version(), "clusterexec": __version__, "cloudpickle": cloudpickle.__version__}
         self._handshake = ClientHandshake(self._key, info)
+        self._hello_sent = time.monotonic()
         self.sock.sendall(self._handshake.hello())
         self._set_state(LinkState.HANDSHAKING)
 
@@ -267,6 +272,7 @@ class NodeLink:
         if not data:
             raise ConnectionClosed("closed by the node")
         for rec in self._records.feed(data):
+            self.handshake_rtt = time.monotonic() - self._hello_sent
             try:
                 proof = self._handshake.on_server_hello(rec)
             except AuthenticationError as exc:

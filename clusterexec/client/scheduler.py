@@ -36,6 +36,7 @@ from clusterexec.client.output import OutputPrinter
 from clusterexec.client.report import ClusterStats, NodeStats, NodeStatus
 from clusterexec.client.taskbook import TaskBook
 from clusterexec.client.tasks import Reply, Task, TaskFuture, task_to_cancel
+from clusterexec.client.watch import LinkWatch
 from clusterexec.code.shipping import ModuleSource
 from clusterexec.errors import BrokenCluster, ClusterError, NodeLostError, ProtocolError
 from clusterexec.wire.frames import Message
@@ -84,7 +85,8 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._new: deque[Task] = deque()
         self._poller = Poller()
-        self._registered: dict[NodeLink, tuple[socket.socket, int, int]] = {}
+        self._watch = LinkWatch(self._poller)
+        self._sync = self._watch.sync
         self._mailbox = Mailbox()
         self._stop = False
         self.broken: BrokenCluster | None = None
@@ -213,6 +215,7 @@ class Scheduler:
             now = time.monotonic()
             if now >= self._timers_due:
                 self._timers_due = now + self._timers(now)
+                self._flush(every=True)  # anything a path forgot to mark for writing
                 self._note_first_round()
                 if self._all_lost_for(self.reconnect_window, now) and (book.tasks or self._stop):
                     self._break(BrokenCluster(self._lost_summary()))
@@ -228,7 +231,7 @@ class Scheduler:
                 mailbox.run_calls()
                 if self._stop or any(link.state is not LinkState.READY for link in self.links):
                     self._timers_due = 0.0
-            dispatch()
+            dispatch(now=time.monotonic())
             self._flush()
             if book.done:
                 book.complete()
@@ -270,6 +273,7 @@ class Scheduler:
         if link.state is LinkState.READY and link.channel is not None:
             self._ledgers[link].await_status(reply)
             link.channel.send(STATUS)
+            self._book.dirty[link] = self._ledgers[link]
         else:
             reply.answer(None)
 
@@ -312,33 +316,6 @@ class Scheduler:
         self._book.requeue_lost(link, ledger)
         link.connect(now)
 
-    def _sync(self, link: NodeLink) -> None:
-        """Keep the selector's registration in step with the link's socket and interest."""
-        current = self._registered.get(link)
-        sock = link.sock
-        if sock is None or link.state in (LinkState.LOST, LinkState.CLOSED):
-            if current is not None:
-                self._unregister(link, current[1])
-            return
-        events = link.interest()
-        if current is not None and current[0] is sock:
-            if current[2] != events:
-                self._poller.modify(current[1], events, link)
-                self._registered[link] = (sock, current[1], events)
-            return
-        if current is not None:
-            self._unregister(link, current[1])
-        fd = sock.fileno()
-        self._poller.register(fd, events, link)
-        self._registered[link] = (sock, fd, events)
-
-    def _unregister(self, link: NodeLink, fd: int) -> None:
-        del self._registered[link]
-        try:
-            self._poller.unregister(fd)
-        except KeyError:
-            pass
-
     def _on_link_event(self, link: NodeLink, events: int) -> None:
         now = time.monotonic()
         messages = link.on_event(events, now)
@@ -348,6 +325,9 @@ class Scheduler:
                 self._on_messages(link, ledger, messages)
             except (ProtocolError, ValueError, KeyError) as exc:
                 link.lose(ClusterError(f"node {link.name} sent a malformed message ({exc})"))
+        if link.state is LinkState.READY:
+            ledger.seed_rtt(link.handshake_rtt)
+            self._dispatcher.touch(link, ledger)
         if link.state is not LinkState.READY:
             self._timers_due = 0.0
             if link.state is LinkState.LOST and ledger.inflight:
@@ -400,9 +380,16 @@ class Scheduler:
             if link.state is LinkState.READY and link.channel is not None:
                 # Queued on the channel ahead of BYE, which _finish sends: the node hears it first.
                 link.channel.send(SIGNAL_WORKERS, SIGNAL_HEAD.pack(how))
+                self._book.dirty[link] = self._ledgers[link]
 
-    def _flush(self) -> None:
-        for link, ledger in self._nodes:
+    def _flush(self, every: bool = False) -> None:
+        """Write what was queued for the nodes since the last turn (``every``: look at every node)."""
+        dirty = self._book.dirty
+        if not dirty and not every:
+            return
+        nodes = self._nodes if every else list(dirty.items())
+        dirty.clear()
+        for link, ledger in nodes:
             channel = link.channel
             if channel is not None and channel.wants_write:
                 link.on_event(EVENT_WRITE, time.monotonic())

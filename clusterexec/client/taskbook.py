@@ -56,12 +56,17 @@ class TaskBook:
         # tasks still in flight stop waiting for their node's report.
         self.stopped_by = ""
         self.stop_deadline = 0.0
+        # Whether a node's pinned tasks (submit_to) may wait to be sent.
+        self.pinned_waiting = False
+        # Nodes a message was queued for since the last flush (the I/O thread writes only those).
+        self.dirty: dict[NodeLink, NodeLedger] = {}
 
     def add(self, task: Task) -> None:
         """A new task: to the queue, or to its node's pinned tasks (``submit_to``)."""
         self.tasks[task.task_id] = task
         if task.target is not None:
             self.ledgers[task.target].pinned.append(task)
+            self.pinned_waiting = True
         else:
             self.queue.append(task)
 
@@ -71,6 +76,7 @@ class TaskBook:
         """STARTED: tasks sent ahead have started on a worker; they can no longer be cancelled."""
         for task_id in unpack_ids(message.body):
             task = ledger.inflight.get(task_id)
+            ledger.started(task_id)
             if task is not None and task.state is TaskState.SENT:
                 task.state = TaskState.STARTED
                 mark_running(task.future)
@@ -109,15 +115,32 @@ class TaskBook:
         """CANCELLED: the node's answer to CANCEL, the tasks it removed and those it refused."""
         cancelled, refused = unpack_cancelled(message.body)
         for task_id in cancelled:
-            task = ledger.inflight.pop(task_id, None)
-            if task is not None:
-                cancel_and_notify(task.future)
-                self._answer(task, True)
-                self.drop(task)
+            task = ledger.inflight.get(task_id)
+            if task is None:
+                continue
+            if task.withdrawing and not task.replies and not task.future.cancelled():
+                self._take_back(ledger, task)  # asked back for an idle worker: it runs elsewhere
+                continue
+            ledger.inflight.pop(task_id, None)
+            cancel_and_notify(task.future)
+            self._answer(task, True)
+            self.drop(task)
         for task_id in refused:
             task = ledger.inflight.get(task_id)
             if task is not None:
+                if task.withdrawing:  # it had started: it stays where it is
+                    task.withdrawing = False
+                    ledger.withdrawing -= 1
                 self._answer(task, False)
+
+    def _take_back(self, ledger: NodeLedger, task: Task) -> None:
+        """A task withdrawn from its node goes to the front of the queue, unharmed: it has not
+        run, and this is not one of its attempts."""
+        ledger.forget(task)
+        task.link = None
+        task.to_idle = False
+        task.state = TaskState.QUEUED
+        self.queue.appendleft(task)
 
     # ------------------------------------------------------------------ outcomes
 
@@ -203,6 +226,7 @@ class TaskBook:
         for link, ids in by_link.items():
             assert link.channel is not None
             link.channel.send(CANCEL, pack_ids(ids))
+            self.dirty[link] = self.ledgers[link]
 
     # ------------------------------------------------------------------ lost nodes
 
@@ -231,6 +255,7 @@ class TaskBook:
             self._answer(task, False)
             if task.target is not None:
                 self.ledgers[task.target].pinned.appendleft(task)
+                self.pinned_waiting = True
             else:
                 self.queue.appendleft(task)
 

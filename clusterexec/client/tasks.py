@@ -37,7 +37,21 @@ class TaskState(enum.Enum):
 class Task:
     """One unit of work: its future, its pickled function and arguments, where it is."""
 
-    __slots__ = ("task_id", "future", "function", "payload", "flags", "state", "attempts", "link", "replies", "target")
+    __slots__ = (
+        "task_id",
+        "future",
+        "function",
+        "payload",
+        "flags",
+        "state",
+        "attempts",
+        "link",
+        "replies",
+        "target",
+        "sent_at",
+        "to_idle",
+        "withdrawing",
+    )
 
     def __init__(
         self,
@@ -57,6 +71,9 @@ class Task:
         self.link: NodeLink | None = None
         self.replies: list[Reply] | None = None
         self.target = target
+        self.sent_at = 0.0  # when it was last sent to a node (time.monotonic())
+        self.to_idle = False  # it was sent to a node with a free worker: no queue ahead of it there
+        self.withdrawing = False  # asked back from its node, to go to an idle worker elsewhere
         future._task = self
 
     def mark_sent(self, to_idle_worker: bool) -> bool:
