@@ -214,7 +214,7 @@ class HandNode:
         finally:
             os.close(fd)
         command = [sys.executable, "-m", "clusterexec.node", "--port", "0", "--workers", str(WORKERS)]
-        command += ["--key-file", key_file]
+        command += ["--key-file", key_file, "--log-level", "WARNING"]
         self.command = command
         self.process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, preexec_fn=_die_with_parent

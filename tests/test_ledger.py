@@ -217,6 +217,11 @@ def test_tasks_sent_to_a_free_worker_measure_the_round_trip() -> None:
     ledger.record_sent(queued, now=100.0)
     ledger.take_result(queued.task_id, 105.0)
     assert ledger.rtt == pytest.approx(0.02, rel=0.01)
+    long = task()  # a free worker ran it for 5 s: that is the task's time, not the link's
+    long.to_idle = True
+    ledger.record_sent(long, now=200.0)
+    ledger.take_result(long.task_id, 205.02, run_time=5.0)
+    assert ledger.rtt == pytest.approx(0.02, rel=0.01)
 
 
 def test_tasks_sent_ahead_can_be_withdrawn_newest_first_until_they_start() -> None:

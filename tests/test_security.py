@@ -768,7 +768,7 @@ def test_a_kind_a_client_does_not_send_ends_only_its_own_session(secure_node: Se
     with RawClient(secure_node.endpoint) as client:
         client.handshake(secure_node.key)
         client.open_session(workers=1)
-        client.send(kind, RESULT_HEAD.pack(1, 0))
+        client.send(kind, RESULT_HEAD.pack(1, 0, 0))
         assert client.closed_by_peer(5.0)
     # The log names the kind (RESULT, STOP, unknown kind 99), and the next client is served.
     expected = f"session from {client.peer}: unexpected message {kind_name(kind)} from the client"

@@ -184,7 +184,7 @@ def test_a_result_from_a_worker_is_forwarded_and_counted(harness: Harness) -> No
     harness.from_client(TASK, task(7))
     worker = harness.session.workers[0]
     harness.to_client()
-    result = RESULT_HEAD.pack(7, STATUS_OK) + b"pickled value"
+    result = RESULT_HEAD.pack(7, STATUS_OK, 0) + b"pickled value"
     harness.session.on_worker_messages(worker, [Message(RESULT, result)])
     (forwarded,) = harness.to_client()
     assert (forwarded.kind, bytes(forwarded.body)) == (RESULT, result)

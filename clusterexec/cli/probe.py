@@ -36,6 +36,11 @@ HANDSHAKE_SILENT = "no handshake: is a clusterexec node listening there?"
 TLS_RECORD_STARTS = (b"\x15\x03", b"\x16\x03")
 # A node with --tls-cert drops (usually resets) a connection that does not start with TLS.
 TLS_HINT = "; if the node runs with --tls-cert, probe it over TLS: pass --tls-ca"
+# A node with --tls-ca drops a TLS connection without a client certificate it trusts; the alert
+# that says so is lost when the drop is a reset.
+CLIENT_CERT_HINT = (
+    "; if the node runs with --tls-ca, it asks for a client certificate: pass --tls-cert and --tls-key"
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -222,7 +227,7 @@ def _handshake(sock: socket.socket, key: bytes, deadline: float, tls: bool = Fal
             _set_timeout(sock, deadline, HANDSHAKE_SILENT)
             data = sock.recv(8192)
             if not data:
-                raise _Down("closed the connection during the handshake" + ("" if tls else TLS_HINT))
+                raise _Down("closed the connection during the handshake" + (CLIENT_CERT_HINT if tls else TLS_HINT))
             if not tls and data[:2] in TLS_RECORD_STARTS:
                 raise _Down("the node speaks TLS (it runs with --tls-cert): pass --tls-ca to probe it over TLS")
             got = records.feed(data)
@@ -245,7 +250,7 @@ def _handshake(sock: socket.socket, key: bytes, deadline: float, tls: bool = Fal
         raise _Down(f"not a clusterexec node? ({exc})") from None
     except OSError as exc:
         problem = _tls_problem(exc) if tls else None
-        hint = "" if tls else TLS_HINT
+        hint = CLIENT_CERT_HINT if tls else TLS_HINT
         raise _Down(problem or f"connection lost during the handshake ({exc.strerror or exc}){hint}") from None
     assert handshake.keys is not None
     return handshake.keys, records.leftover()

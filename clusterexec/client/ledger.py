@@ -125,9 +125,10 @@ class NodeLedger:
             evicted.append(digest)
         return evicted
 
-    def take_result(self, task_id: int, now: float) -> Task | None:
+    def take_result(self, task_id: int, now: float, run_time: float = 0.0) -> Task | None:
         """The task a result is for, no longer in flight; None if it is not in flight here (cancelled,
-        or from an old session). Updates the estimate of the interval between results."""
+        or from an old session). Updates the estimate of the interval between results and, with
+        the task's ``run_time`` on its worker, of the link's round trip."""
         task = self.inflight.pop(task_id, None)
         if task is not None:
             self.tasks_done += 1
@@ -136,9 +137,9 @@ class NodeLedger:
             self.last_result = now
             self.ahead.pop(task_id, None)
             if task.to_idle and task.sent_at:
-                # Sent to a free worker: its time out and back is the link's round trip plus
-                # the task's own run, which for the tiny tasks that need deep pipelines is small.
-                sample = now - task.sent_at
+                # Sent to a free worker: its time out and back, less its run on the worker, is
+                # the link's round trip (and the node's routing).
+                sample = max(0.0, now - task.sent_at - run_time)
                 self.rtt = sample if not self.rtt else self.rtt + RTT_WEIGHT * (sample - self.rtt)
         return task
 

@@ -84,8 +84,8 @@ class TaskBook:
 
     def on_result(self, link: NodeLink, ledger: NodeLedger, message: Message) -> None:
         """RESULT: a task's value or exception, unpickled here."""
-        task_id, status = RESULT_HEAD.unpack_from(message.body, 0)
-        task = ledger.take_result(task_id, time.monotonic())
+        task_id, status, run_us = RESULT_HEAD.unpack_from(message.body, 0)
+        task = ledger.take_result(task_id, time.monotonic(), run_us * 1e-6)
         if task is None:
             return
         try:

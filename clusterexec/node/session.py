@@ -323,7 +323,7 @@ class Session:
             self.node.drain_output(self, worker)
         if len(message.body) < RESULT_HEAD.size:
             raise ProtocolError(f"worker {worker.pid} sent a RESULT shorter than its header")
-        task_id, status = RESULT_HEAD.unpack_from(message.body, 0)
+        task_id, status, _ = RESULT_HEAD.unpack_from(message.body, 0)
         if not worker.outstanding or worker.outstanding[0][0] != task_id:
             raise ProtocolError(f"worker {worker.pid} answered for task {task_id} out of turn")
         worker.outstanding.popleft()

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -122,10 +123,13 @@ class Worker:
     def run_task(self, message: Message) -> None:
         """Run one task and send its RESULT message."""
         task_id, digest, flags = TASK_HEAD.unpack_from(message.body, 0)
+        started = time.perf_counter()
         status, payload = self._call(task_id, digest, flags, message)
+        # The run time lets the client tell its link's round trip from the task's own work.
+        run_us = min(int((time.perf_counter() - started) * 1e6), 0xFFFFFFFF)
         if self.compression is not None:
             payload = payload.packed(self.compression)
-        self.channel.send(RESULT, RESULT_HEAD.pack(task_id, status) + payload.body, payload.buffers)
+        self.channel.send(RESULT, RESULT_HEAD.pack(task_id, status, run_us) + payload.body, payload.buffers)
 
     def _call(self, task_id: int, digest: bytes, flags: int, message: Message) -> tuple[int, Payload]:
         try:

@@ -87,7 +87,7 @@ STOP = Kind.STOP
 INIT_FAILED = Kind.INIT_FAILED
 
 TASK_HEAD = struct.Struct("!Q16sB")  # task id, function digest, flags
-RESULT_HEAD = struct.Struct("!QB")  # task id, status
+RESULT_HEAD = struct.Struct("!QBI")  # task id, status, the task's run time on its worker (microseconds)
 OUTPUT_HEAD = struct.Struct("!BI")  # stream (1 stdout, 2 stderr), worker pid
 TASK_ID = struct.Struct("!Q")
 SIGNAL_HEAD = struct.Struct("!B")  # how to stop the session's workers: WORKERS_TERMINATE or WORKERS_KILL
