@@ -7,6 +7,7 @@ function), as the node's :class:`~clusterexec.client.ledger.NodeLedger` says. I/
 from __future__ import annotations
 
 import sys
+import time
 
 from clusterexec.client.ledger import NodeLedger
 from clusterexec.client.link import LinkState, NodeLink
@@ -37,6 +38,9 @@ class Dispatcher:
         self.hungry: dict[NodeLink, NodeLedger] = dict(nodes)
         # Nodes that reported since the last turn: one of them may have a worker gone idle.
         self.fresh: dict[NodeLink, NodeLedger] = {}
+        # Nodes that were sent tasks ahead of their free workers (some may have started since):
+        # where an idle worker looks for tasks to take back.
+        self.ahead: dict[NodeLink, NodeLedger] = {}
         self.now = 0.0
 
     def touch(self, link: NodeLink, ledger: NodeLedger) -> None:
@@ -50,7 +54,7 @@ class Dispatcher:
         from a busy node for an idle worker."""
         if self.book.stopped_by:
             return  # nothing is sent once the workers are stopped
-        self.now = now
+        self.now = now or time.monotonic()
         queue = self.book.queue
         if not queue and not self.book.pinned_waiting:
             if self.fresh:
@@ -106,10 +110,13 @@ class Dispatcher:
         round trips to ask and to resend cost less than the wait."""
         best: tuple[NodeLink, NodeLedger] | None = None
         best_wait = 0.0
-        for link, ledger in self.nodes:
-            if link is thief or not ledger.ahead or ledger.withdrawing or link.state is not LinkState.READY:
+        for link, ledger in list(self.ahead.items()):
+            if not ledger.ahead or link.state is not LinkState.READY:
+                del self.ahead[link]  # nothing left to take back there
                 continue
-            wait = ledger.queued_seconds()
+            if link is thief or ledger.withdrawing:
+                continue
+            wait = ledger.queued_seconds(self.now)
             if wait > best_wait:
                 best, best_wait = (link, ledger), wait
         if best is None or best_wait <= best[1].rtt + 2 * thief_ledger.rtt:
@@ -122,6 +129,8 @@ class Dispatcher:
             self.book.drop(task)
             return False
         task.to_idle = to_idle
+        if not to_idle:
+            self.ahead[link] = ledger
         channel = link.channel
         assert channel is not None
         function = task.function

@@ -161,9 +161,14 @@ class NodeLedger:
         self.withdrawing += len(tasks)
         return tasks
 
-    def queued_seconds(self) -> float:
-        """About how long the tasks sent ahead here will wait for a worker."""
-        return len(self.ahead) * self.result_interval
+    def queued_seconds(self, now: float) -> float:
+        """About how long the tasks sent ahead here will wait for a worker: what they would take
+        at the node's pace, or how long the oldest has waited already, whichever is longer (a
+        node whose workers are held by long tasks gives no pace to go by)."""
+        if not self.ahead:
+            return 0.0
+        oldest = next(iter(self.ahead.values()))
+        return max(len(self.ahead) * self.result_interval, now - oldest.sent_at)
 
     def forget(self, task: Task) -> None:
         """A task sent here is over (or withdrawn): it is no longer in flight, nor does it hold
