@@ -38,9 +38,9 @@ class Dispatcher:
         self.hungry: dict[NodeLink, NodeLedger] = dict(nodes)
         # Nodes that reported since the last turn: one of them may have a worker gone idle.
         self.fresh: dict[NodeLink, NodeLedger] = {}
-        # Nodes that were sent tasks ahead of their free workers (some may have started since):
+        # Nodes holding tasks sent ahead of their free workers (some may have started since):
         # where an idle worker looks for tasks to take back.
-        self.ahead: dict[NodeLink, NodeLedger] = {}
+        self.holding: dict[NodeLink, NodeLedger] = {}
         self.now = 0.0
 
     def touch(self, link: NodeLink, ledger: NodeLedger) -> None:
@@ -110,9 +110,9 @@ class Dispatcher:
         round trips to ask and to resend cost less than the wait."""
         best: tuple[NodeLink, NodeLedger] | None = None
         best_wait = 0.0
-        for link, ledger in list(self.ahead.items()):
+        for link, ledger in list(self.holding.items()):
             if not ledger.ahead or link.state is not LinkState.READY:
-                del self.ahead[link]  # nothing left to take back there
+                del self.holding[link]  # nothing left to take back there
                 continue
             if link is thief or ledger.withdrawing:
                 continue
@@ -130,7 +130,7 @@ class Dispatcher:
             return False
         task.to_idle = to_idle
         if not to_idle:
-            self.ahead[link] = ledger
+            self.holding[link] = ledger
         channel = link.channel
         assert channel is not None
         function = task.function

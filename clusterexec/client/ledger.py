@@ -9,6 +9,7 @@ forgets the old session (when the node is lost, and again when a connection star
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 
 from clusterexec.client.report import NodeStats
@@ -82,7 +83,8 @@ class NodeLedger:
         """How many tasks may be in flight on a node with ``workers`` workers: one per worker
         plus prefetch, enough to cover the link's round trip."""
         ahead = PREFETCH_SECONDS + PREFETCH_RTTS * self.rtt
-        extra = int(ahead / max(self.result_interval, 1e-7))
+        # Rounded up: the interval is a mean, and a run of short tasks must not find the node empty.
+        extra = math.ceil(ahead / max(self.result_interval, 1e-7))
         return workers + max(MIN_PREFETCH, min(MAX_PREFETCH, extra), workers)
 
     def seed_rtt(self, seconds: float) -> None:
