@@ -34,7 +34,7 @@ from clusterexec.launch.specs import NodeAddress
 from clusterexec.wire.channel import Channel, ConnectionClosed
 from clusterexec.wire.frames import DEFAULT_MAX_FRAME, Message
 from clusterexec.wire.handshake import ClientHandshake, RecordReader
-from clusterexec.wire.messages import SESSION, WELCOME, pack_json, unpack_json
+from clusterexec.wire.messages import PING, SESSION, WELCOME, pack_json, unpack_json
 
 log = logging.getLogger("clusterexec")
 
@@ -127,6 +127,9 @@ class NodeLink:
         self.info: dict[str, object] = {}
         self.workers = 0
         self.last_heard = 0.0
+        # When the next PING is due: the node ends a session whose client it has not heard
+        # from for its client timeout, however busy the tasks keep it.
+        self.ping_at = 0.0
         self.attempts = 0
         self.retry_at = 0.0
         self.down_since = 0.0
@@ -309,6 +312,7 @@ class NodeLink:
                 self.codec = accepted if accepted == self.compression else None
                 self.attempts = 0
                 self.error = None
+                self.ping_at = time.monotonic() + self._request.heartbeat_interval
                 self._set_state(LinkState.READY)
                 return messages[i + 1 :]
         return []
@@ -345,6 +349,18 @@ class NodeLink:
         return ".".join(version.split(".")[:2])
 
     # ------------------------------------------------------------------ life
+
+    def ping_if_due(self, now: float) -> float:
+        """Queue a PING if one is due (READY only); return the seconds until the next one.
+
+        Sent every heartbeat interval whatever else is queued: the node counts any byte from
+        the client as a sign of life, and a PING is the byte of a client with nothing to say."""
+        if self.state is not LinkState.READY or self.channel is None:
+            return self._request.heartbeat_interval
+        if now >= self.ping_at:
+            self.channel.send(PING)
+            self.ping_at = now + self._request.heartbeat_interval
+        return self.ping_at - now
 
     def check_deadline(self, now: float) -> None:
         """Fail a connect or handshake that ran past its deadline."""

@@ -39,10 +39,16 @@ class NodeStats:
 
 @dataclass(frozen=True)
 class ClusterStats:
-    """Task counts: ``queued`` in the client not yet given to a node, then per node."""
+    """Task counts: ``queued`` in the client not yet given to a node, then per node.
+
+    ``reruns``: tasks sent again after the node running them was lost. ``late_results``:
+    results that arrived for a task no longer in flight on that node (already re-run, or
+    cancelled), dropped rather than delivered twice."""
 
     queued: int
     nodes: dict[str, NodeStats] = field(default_factory=dict)
+    reruns: int = 0
+    late_results: int = 0
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,7 @@ class Scheduler:
         queued = len(self._book.queue) + len(self._new)
         for link, ledger in self._nodes:
             nodes[link.name] = ledger.stats()
-        return ClusterStats(queued, nodes)
+        return ClusterStats(queued, nodes, self._book.reruns, self._book.late_results)
 
     def node_statuses(self) -> list[NodeStatus]:
         """Every node's link state and task counts, for ``ex.nodes``. Thread-safe (a snapshot)."""
@@ -293,6 +293,7 @@ class Scheduler:
                 and not _readable(link.sock)  # heartbeats may be waiting unread (a GIL-holding user thread)
             ):
                 link.lose(NodeLostError(f"node {link.name} sent no heartbeat for {self.heartbeat_timeout:g}s"))
+            timeout = min(timeout, link.ping_if_due(now))
             if link.state is not LinkState.READY and ledger.pinned and link.down_since:
                 if now - link.down_since >= self.reconnect_window:
                     book.fail_pinned(link, ledger)

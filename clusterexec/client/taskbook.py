@@ -9,6 +9,7 @@ the queue up to ``retries`` times (:meth:`TaskBook.requeue_lost`).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from concurrent.futures import InvalidStateError
@@ -39,6 +40,8 @@ STOP_REPORT_TIMEOUT = 5.0
 STOP_METHODS = {WORKERS_TERMINATE: "terminate_workers()", WORKERS_KILL: "kill_workers()"}
 
 
+log = logging.getLogger("clusterexec")
+
 class TaskBook:
     """Tasks by id, the client queue, and their outcomes. I/O thread only; ``queue`` and
     ``tasks`` may be counted from other threads (a moment old)."""
@@ -60,6 +63,9 @@ class TaskBook:
         self.pinned_waiting = False
         # Nodes a message was queued for since the last flush (the I/O thread writes only those).
         self.dirty: dict[NodeLink, NodeLedger] = {}
+        # Tasks sent again after their node was lost, and results dropped for arriving late.
+        self.reruns = 0
+        self.late_results = 0
 
     def add(self, task: Task) -> None:
         """A new task: to the queue, or to its node's pinned tasks (``submit_to``)."""
@@ -87,6 +93,9 @@ class TaskBook:
         task_id, status, run_us = RESULT_HEAD.unpack_from(message.body, 0)
         task = ledger.take_result(task_id, time.monotonic(), run_us * 1e-6)
         if task is None:
+            # Not in flight there: it has an outcome already and keeps it (exactly one each).
+            self.late_results += 1
+            log.debug("node %s: result of task %d arrived late; dropped", link.name, task_id)
             return
         try:
             body, buffers = unpack(memoryview(message.body)[RESULT_HEAD.size :], message.buffers)
@@ -252,6 +261,7 @@ class TaskBook:
                 )
                 continue
             task.state = TaskState.QUEUED
+            self.reruns += 1
             self._answer(task, False)
             if task.target is not None:
                 self.ledgers[task.target].pinned.appendleft(task)

@@ -13,7 +13,7 @@ import sys
 
 from clusterexec.errors import ClusterError
 from clusterexec.keys import resolve_key
-from clusterexec.node.server import Node, NodeConfig, is_loopback
+from clusterexec.node.server import CLIENT_TIMEOUT, Node, NodeConfig, is_loopback
 from clusterexec.node.service import print_systemd_unit
 from clusterexec.wire.frames import DEFAULT_MAX_FRAME
 from clusterexec.wire.handshake import HANDSHAKE_TIMEOUT
@@ -39,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow listening on a non-loopback address without a key (anyone who can connect runs code)",
     )
+    parser.add_argument(
+        "--client-timeout",
+        type=float,
+        default=CLIENT_TIMEOUT,
+        help=f"seconds of silence after which a client's session ends and its workers are freed "
+        f"(clients ping every second; default: {CLIENT_TIMEOUT:g})",
+    )
     parser.add_argument("--tls-cert", help="TLS certificate (PEM) for the node: clients must connect with TLS")
     parser.add_argument("--tls-key", help="private key (PEM) of --tls-cert (default: in the certificate file)")
     parser.add_argument("--tls-ca", help="CA bundle (PEM): require client certificates signed by it")
@@ -63,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         key = resolve_key(key_file=args.key_file)
     except ClusterError as exc:
         print(f"clusterexec node: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.client_timeout <= 0:
+        print("clusterexec node: --client-timeout must be a positive number of seconds", file=sys.stderr)
         return EXIT_USAGE
     if args.workers < 0:
         print("clusterexec node: --workers must be 0 (one per CPU) or more", file=sys.stderr)
@@ -102,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         tls=tls,
         insecure_no_auth=args.insecure_no_auth,
         exit_with_stdin=args.exit_with_stdin,
+        client_timeout=args.client_timeout,
     )
     try:
         node = Node(config)

@@ -5,11 +5,20 @@ the handshake (:mod:`clusterexec.wire.handshake`) against a deadline. One that p
 the key is promoted to a session; garbage, a wrong key, another protocol version or silence
 past the deadline gets a log line naming the peer and a closed connection, and nothing else
 on the node notices.
+
+Strangers cannot crowd out key holders: connections still in their handshake are capped in
+total and per peer address, and past a cap the oldest connection that has sent nothing yet
+makes room for the newcomer (a client starts its handshake at once; a flood of idle
+connections ages out first). Running out of file descriptors does the same. Failed
+handshakes are logged individually up to a few per interval, then as one summary line, so a
+port scanner cannot fill the node's log.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import resource
 import socket
 import sys
 import time
@@ -28,6 +37,14 @@ log = logging.getLogger("clusterexec.node")
 
 # Connections accepted per readiness event, so a flood of them cannot starve the sessions.
 ACCEPT_BATCH = 64
+# Connections still in their handshake, at most: in all, and from one peer address.
+MAX_PENDING = 256
+MAX_PENDING_PER_PEER = 64
+# Failed handshakes logged one by one per interval; past that, one summary line per interval.
+LOG_INTERVAL = 10.0
+LOG_BURST = 20
+# Out of file descriptors with nothing to evict: stop accepting for this long.
+ACCEPT_PAUSE = 0.1
 
 # What the node does with a connection that completed its handshake: (socket, peer, keys, the
 # bytes of the framed stream that arrived with the last handshake record).
@@ -45,6 +62,66 @@ class Pending:
         self.records = RecordReader(max_records=2)
         self.hello_done = False
         self.tls_pending = tls
+        self.heard = False  # whether the peer has sent anything: idle ones are evicted first
+        self.host = peer.rpartition(":")[0] or peer
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; return the new limit.
+
+    Every client, worker and handshake holds descriptors; a default soft limit of 1,024
+    would let a few hundred idle connections stop the node from accepting its users."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+        except (ValueError, OSError) as exc:
+            log.debug("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+class FailureLog:
+    """Failed handshakes, logged at a bounded rate: the first LOG_BURST of an interval one by
+    one, the rest counted and summed up in one line when the interval ends."""
+
+    def __init__(self, interval: float = LOG_INTERVAL, burst: int = LOG_BURST) -> None:
+        self.interval = interval
+        self.burst = burst
+        self.since = time.monotonic()
+        self.logged = 0
+        self.suppressed = 0
+        self.peers: set[str] = set()
+        self.reasons: dict[str, int] = {}
+
+    def failed(self, peer: str, reason: str, detail: str) -> None:
+        """Record one failed handshake from ``peer`` (``reason``: a short category)."""
+        self.summarize(time.monotonic())
+        if self.logged < self.burst:
+            self.logged += 1
+            log.warning("%s", detail)
+            return
+        self.suppressed += 1
+        self.peers.add(peer.rpartition(":")[0] or peer)
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def summarize(self, now: float) -> None:
+        """Log the summary line of an interval that has ended, if anything was left out."""
+        if now - self.since < self.interval:
+            return
+        if self.suppressed:
+            reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.reasons.items(), key=lambda kv: -kv[1]))
+            log.warning(
+                "%d more handshakes failed in the last %.0fs, from %d addresses (%s)",
+                self.suppressed,
+                now - self.since,
+                len(self.peers),
+                reasons,
+            )
+        self.since = now
+        self.logged = self.suppressed = 0
+        self.peers.clear()
+        self.reasons.clear()
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -89,7 +166,12 @@ class Acceptor:
         self.tls = tls
         self._timer_at = timer_at
         self._promote = promote
+        # Oldest first (dicts keep insertion order), in all and per peer address.
         self.pending: dict[int, Pending] = {}
+        self.by_host: dict[str, dict[int, Pending]] = {}
+        self.failures = FailureLog()
+        self.evicted = 0
+        self._paused_until = 0.0
 
     def start(self) -> None:
         """Start accepting connections."""
@@ -102,7 +184,10 @@ class Acceptor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.warning("accept failed: %s", exc)
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self._evict(self.pending, "out of file descriptors"):
+                    continue
+                self.failures.failed("", "accept failed", f"accept failed: {exc}; pausing for {ACCEPT_PAUSE:g}s")
+                self._pause()
                 return
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -113,30 +198,70 @@ class Acceptor:
             handshake = ServerHandshake(self.key, self.offer)
             deadline = time.monotonic() + self.handshake_timeout
             pending = Pending(sock, peer, handshake, deadline, tls=self.tls is not None)
+            same_host = self.by_host.setdefault(pending.host, {})
+            if len(same_host) >= MAX_PENDING_PER_PEER:
+                self._evict(same_host, f"more than {MAX_PENDING_PER_PEER} handshakes from {pending.host}")
+            if len(self.pending) >= MAX_PENDING:
+                self._evict(self.pending, f"more than {MAX_PENDING} handshakes in all")
             self.pending[sock.fileno()] = pending
+            same_host[sock.fileno()] = pending
             self._timer_at(pending.deadline)
             events = EVENT_READ | (EVENT_WRITE if pending.tls_pending else 0)
             self.poller.register(sock, events, self._on_handshake)
 
     def expire(self, now: float) -> float:
-        """Close the connections past their handshake deadline; return the seconds until the
-        next deadline (at most 1)."""
+        """Close the connections past their handshake deadline, resume accepting after a
+        pause, log the interval's summary of failures; return the seconds until the next
+        deadline (at most 1)."""
         timeout = 1.0
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            self.poller.register(self.listener, EVENT_READ, self._on_accept)
+        elif self._paused_until:
+            timeout = self._paused_until - now
+        # Oldest first, and every connection gets the same timeout: the first one not yet due
+        # ends the scan.
         for fd, pending in list(self.pending.items()):
-            if now >= pending.deadline:
-                log.warning("handshake from %s timed out; connection closed", pending.peer)
-                self._drop(fd)
-            else:
+            if now < pending.deadline:
                 timeout = min(timeout, pending.deadline - now)
-        return timeout
+                break
+            self._fail(fd, "timed out", f"handshake from {pending.peer} timed out; connection closed")
+        self.failures.summarize(now)
+        return max(timeout, 0.0)
+
+    def _pause(self) -> None:
+        if not self._paused_until:
+            self._paused_until = time.monotonic() + ACCEPT_PAUSE
+            self.poller.unregister(self.listener.fileno())
+            self._timer_at(self._paused_until)
+
+    def _evict(self, among: dict[int, Pending], why: str) -> bool:
+        """Close the oldest connection of ``among`` that has sent nothing (else the oldest) to
+        make room; return False if there was none."""
+        victim = next((fd for fd, pending in among.items() if not pending.heard), None)
+        if victim is None:
+            victim = next(iter(among), None)
+        if victim is None:
+            return False
+        self.evicted += 1
+        peer = self.pending[victim].peer
+        self._fail(victim, "crowded out", f"handshake from {peer} crowded out ({why}); connection closed")
+        return True
+
+    def _fail(self, fd: int, reason: str, detail: str) -> None:
+        self.failures.failed(self.pending[fd].peer, reason, detail)
+        self._drop(fd)
 
     def _drop(self, fd: int) -> None:
-        pending = self.pending.pop(fd)
+        pending = self.pending[fd]
+        self._forget(fd)
         self.poller.unregister(fd)
         pending.sock.close()
 
     def _on_handshake(self, fd: int, events: int) -> None:
-        pending = self.pending[fd]
+        pending = self.pending.get(fd)
+        if pending is None:
+            return  # evicted earlier in this batch of events
         try:
             if pending.tls_pending:
                 import ssl
@@ -150,6 +275,7 @@ class Acceptor:
             data = pending.sock.recv(8192)
             if not data:
                 raise ConnectionClosed("closed during the handshake")
+            pending.heard = True
             while getattr(pending.sock, "pending", lambda: 0)():
                 data += pending.sock.recv(8192)
             for rec in pending.records.feed(data):
@@ -158,40 +284,45 @@ class Acceptor:
                     pending.hello_done = True
                 else:
                     keys = pending.handshake.on_client_proof(rec)
-                    del self.pending[fd]
+                    self._forget(fd)
                     self._promote(pending.sock, pending.peer, keys, pending.records.leftover())
                     return
         except (BlockingIOError, InterruptedError):
             return
         except VersionMismatchError as exc:
-            log.warning("refused %s: %s", pending.peer, exc)
             try:
                 pending.sock.sendall(pending.handshake.refusal)
             except OSError:
                 pass
-            self._drop(fd)
+            self._fail(fd, "version mismatch", f"refused {pending.peer}: {exc}")
         except AuthenticationError as exc:
-            log.warning("authentication failed for %s: %s", pending.peer, exc)
-            self._drop(fd)
+            self._fail(fd, "authentication failed", f"authentication failed for {pending.peer}: {exc}")
         except OSError as exc:
             tls = sys.modules.get("ssl")  # a TLS socket exists only if ssl was imported
             if tls is not None and isinstance(exc, (tls.SSLWantReadError, tls.SSLWantWriteError)):
                 return
             if tls is not None and isinstance(exc, tls.SSLError):
-                log.warning("TLS handshake with %s failed: %s", pending.peer, exc.reason or exc)
+                self._fail(fd, "TLS failed", f"TLS handshake with {pending.peer} failed: {exc.reason or exc}")
             else:
-                log.warning("handshake with %s failed: %s", pending.peer, exc)
-            self._drop(fd)
+                self._fail(fd, "failed", f"handshake with {pending.peer} failed: {exc}")
         except (ProtocolError, ConnectionClosed) as exc:
-            log.warning("handshake with %s failed: %s", pending.peer, exc)
-            self._drop(fd)
+            self._fail(fd, "failed", f"handshake with {pending.peer} failed: {exc}")
         except Exception as exc:  # whatever a stranger sends, the node stays up
-            log.warning("handshake with %s failed unexpectedly: %r", pending.peer, exc)
-            self._drop(fd)
+            self._fail(fd, "failed", f"handshake with {pending.peer} failed unexpectedly: {exc!r}")
+
+    def _forget(self, fd: int) -> None:
+        """A connection leaves the handshake (promoted): no longer counted, still open."""
+        pending = self.pending.pop(fd)
+        same_host = self.by_host.get(pending.host)
+        if same_host is not None:
+            same_host.pop(fd, None)
+            if not same_host:
+                del self.by_host[pending.host]
 
     def close(self) -> None:
         """Close every pending connection and the listening socket."""
         for fd in list(self.pending):
             self._drop(fd)
-        self.poller.unregister(self.listener.fileno())
+        if not self._paused_until:
+            self.poller.unregister(self.listener.fileno())
         self.listener.close()

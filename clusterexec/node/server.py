@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from clusterexec._version import __version__
 from clusterexec.errors import ClusterError, ProtocolError
-from clusterexec.node.accept import Acceptor, listen
+from clusterexec.node.accept import Acceptor, listen, raise_fd_limit
 from clusterexec.node.host import NodeHost, WorkerOwner, WorkerProcess
 from clusterexec.node.libc import release_freed, tune_malloc
 from clusterexec.node.session import Session, SessionState
@@ -48,6 +48,10 @@ EXIT_USAGE = 2
 # to its client, and are read again below BACKLOG_LOW.
 BACKLOG_HIGH = 64 << 20
 BACKLOG_LOW = 16 << 20
+# A session whose client has sent nothing (no task, no PING: clients ping every heartbeat
+# interval, 1 s by default) for this long is ended and its workers freed: a suspended laptop,
+# a partition or a killed VM sends no FIN, and its session must not hold the node for ever.
+CLIENT_TIMEOUT = 30.0
 
 
 @dataclass
@@ -63,6 +67,7 @@ class NodeConfig:
     insecure_no_auth: bool = False
     exit_with_stdin: bool = False
     tls: ssl.SSLContext | None = None
+    client_timeout: float = CLIENT_TIMEOUT
 
 
 def is_loopback(host: str) -> bool:
@@ -81,6 +86,7 @@ class Node(NodeHost):
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.workers_per_session = config.workers or os.cpu_count() or 1
+        self.fd_limit = raise_fd_limit()
         self.poller = Poller()
         listener = listen(config.host, config.port)
         self.address = listener.getsockname()
@@ -212,8 +218,15 @@ class Node(NodeHost):
 
     def _timers(self, now: float) -> float:
         timeout = self.acceptor.expire(now)
-        for session in list(self.sessions.values()):
-            timeout = min(timeout, max(0.0, session.tick(now) - now))
+        limit = self.config.client_timeout
+        for fd, session in list(self.sessions.items()):
+            silent = now - session.last_heard
+            # A client that asked for slow heartbeats gets two of them before it counts as gone.
+            allowed = max(limit, 2 * session.request.heartbeat_interval)
+            if silent >= allowed:
+                self._end_session(fd, f"client silent for {silent:.1f}s, past the client timeout of {allowed:g}s")
+                continue
+            timeout = min(timeout, allowed - silent, max(0.0, session.tick(now) - now))
         timeout = min(timeout, self.worker_io.kill_overdue(now))
         return max(timeout, 0.0)
 
@@ -308,6 +321,7 @@ class Node(NodeHost):
         if events & EVENT_WRITE:
             self.dirty.add(session.channel)
         if events & EVENT_READ:
+            session.last_heard = time.monotonic()
             self._handle_client(fd, session, session.channel.read)
 
     def _handle_client(self, fd: int, session: Session, read: Callable[[], list]) -> None:

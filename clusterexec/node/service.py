@@ -8,6 +8,7 @@ import pwd
 import sys
 
 from clusterexec.keys import KEY_ENV, KEY_FILE_ENV
+from clusterexec.node.server import CLIENT_TIMEOUT
 from clusterexec.wire.frames import DEFAULT_MAX_FRAME
 from clusterexec.wire.handshake import HANDSHAKE_TIMEOUT
 
@@ -37,6 +38,8 @@ def print_systemd_unit(args: argparse.Namespace) -> int:
         command += ["--max-frame", str(args.max_frame)]
     if args.handshake_timeout != HANDSHAKE_TIMEOUT:
         command += ["--handshake-timeout", str(args.handshake_timeout)]
+    if args.client_timeout != CLIENT_TIMEOUT:
+        command += ["--client-timeout", str(args.client_timeout)]
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-ca", args.tls_ca)):
         if path:
             command += [flag, os.path.abspath(path)]

@@ -110,7 +110,7 @@ class Session:
         self.tasks_failed = 0
         self.tasks_crashed = 0
         self.tasks_cancelled = 0
-        self.opened = time.monotonic()
+        self.opened = self.last_heard = time.monotonic()  # last_heard: when the client last sent a byte
         self.paused = False
         self.stopped_by = ""
 
