@@ -19,6 +19,7 @@ from clusterexec.errors import (
     NodeUnreachableError,
     ProtocolError,
     RemoteError,
+    TaskTimeoutError,
     VersionMismatchError,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "NodeUnreachableError",
     "ProtocolError",
     "RemoteError",
+    "TaskTimeoutError",
     "TaskUnpicklingError",
     "VersionMismatchError",
     "WorkerCrashedError",

@@ -42,6 +42,13 @@ class NodeLostError(ClusterError):
     """A task's node was lost (connection closed or heartbeats stopped) too many times."""
 
 
+class TaskTimeoutError(ClusterError, TimeoutError):
+    """A task ran past the timeout given with ``ex.options(timeout=...)``.
+
+    Its worker process was killed and the node started a replacement; only this task failed.
+    """
+
+
 def _broken_pool_errors() -> tuple[type, type, type, type]:
     # concurrent.futures.process pulls in multiprocessing: a fifth of a node's start-up. The
     # node never raises these two, so they are made on first use (module __getattr__ below).

@@ -16,7 +16,17 @@ from clusterexec.client.tasks import Task
 from clusterexec.code.shipping import ModuleSource, encode_sources
 from clusterexec.errors import ClusterError
 from clusterexec.wire.compression import pack
-from clusterexec.wire.messages import CANCEL, FORGET, FUNC, MODULES, TASK, TASK_HEAD, pack_ids
+from clusterexec.wire.messages import (
+    CANCEL,
+    FLAG_TIMEOUT,
+    FORGET,
+    FUNC,
+    MODULES,
+    TASK,
+    TASK_HEAD,
+    TIMEOUT_HEAD,
+    pack_ids,
+)
 
 
 class Dispatcher:
@@ -152,7 +162,12 @@ class Dispatcher:
             channel.send(FUNC, function.digest + code.body, code.buffers)
         # Usually packed already, by the submitting thread (see ClusterExecutor._queue).
         args = task.payload.packed(link.codec) if link.codec else task.payload
-        channel.send(TASK, TASK_HEAD.pack(task.task_id, function.digest, task.flags) + args.body, args.buffers)
+        if task.timeout is None:
+            head = TASK_HEAD.pack(task.task_id, function.digest, task.flags)
+        else:
+            head = TASK_HEAD.pack(task.task_id, function.digest, task.flags | FLAG_TIMEOUT)
+            head += TIMEOUT_HEAD.pack(min(max(1, round(task.timeout * 1000)), 0xFFFFFFFF))
+        channel.send(TASK, head + args.body, args.buffers)
         self.book.dirty[link] = ledger
         task.link = link
         return True

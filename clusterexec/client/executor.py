@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from clusterexec.client.link import NodeLink, SessionRequest
 from clusterexec.client.mapping import map_tasks
+from clusterexec.client.nodelinks import remote_links
+from clusterexec.client.options import DEFAULT_OPTIONS, UNSET, ExecutorView, TaskOptions, make_view
 from clusterexec.client.output import OutputPrinter, PrefixChoice, resolve_prefix
 from clusterexec.client.report import ClusterReport, ClusterStats, NodeReport, NodeStatus
 from clusterexec.client.scheduler import Scheduler
@@ -28,13 +30,11 @@ from clusterexec.code.mainscript import prepare_worker
 from clusterexec.code.serialize import FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.code.shipping import ModuleCatalog, rerunning_main
 from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
-from clusterexec.keys import resolve_key
 from clusterexec.launch.local import LocalNode
 from clusterexec.launch.specs import (
     ALL_GROUP,
     DEFAULT_PORT,
     NodeAddress,
-    SshSpec,
     cluster_from_env,
     parse_address,
     read_cluster_file,
@@ -173,7 +173,10 @@ class ClusterExecutor(Executor):
                 )
             ]
         else:
-            links = self._remote_links(resolve_nodes(nodes), key, key_file, max_workers, request, connect_timeout)
+            specs = resolve_nodes(nodes)
+            links = remote_links(
+                specs, key, key_file, max_workers, request, connect_timeout, self._compression, self._closers
+            )
             for link in links:
                 if ssl_context is not None and not link.name.startswith("ssh://"):
                     link.tls = ssl_context
@@ -203,59 +206,6 @@ class ClusterExecutor(Executor):
         and ``LUMP:`` sections; ``__all__`` is every host), each on ``port``. Other keyword
         arguments are the constructor's."""
         return cls(resolve_nodes(read_cluster_file(path, group), port), **kwargs)
-
-    def _remote_links(
-        self,
-        nodes: list[NodeAddress | SshSpec],
-        key: str | bytes | None,
-        key_file: str | os.PathLike[str] | None,
-        max_workers: int | None,
-        request: SessionRequest,
-        connect_timeout: float,
-    ) -> list[NodeLink]:
-        """One link per node; SSH nodes are started first (in parallel), each with its own key."""
-        shares = _spread(max_workers, len(nodes))
-        tcp_key = resolve_key(key, key_file) if any(isinstance(n, NodeAddress) for n in nodes) else None
-        started = self._start_ssh_nodes([n for n in nodes if isinstance(n, SshSpec)], shares, nodes, connect_timeout)
-        links = []
-        for node, share in zip(nodes, shares, strict=True):
-            if isinstance(node, SshSpec):
-                ssh = started[node]
-                codec = self._compression if ssh.options.compress is None else check_codec(ssh.options.compress)
-                links.append(
-                    NodeLink(ssh.address, ssh.key, request, share, connect_timeout, name=str(node), compression=codec)
-                )
-            else:
-                links.append(NodeLink(node, tcp_key, request, share, connect_timeout, compression=self._compression))
-        return links
-
-    def _start_ssh_nodes(
-        self, specs: list[SshSpec], shares: list[int | None], nodes: list[Any], connect_timeout: float
-    ) -> dict[SshSpec, Any]:
-        if not specs:
-            return {}
-        from clusterexec.launch.ssh import SshNode
-
-        started: dict[SshSpec, Any] = {}
-        errors: list[BaseException] = []
-
-        def start(spec: SshSpec) -> None:
-            try:
-                started[spec] = SshNode(spec, shares[nodes.index(spec)], connect_timeout)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=start, args=(spec,), daemon=True) for spec in specs]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        self._closers.extend(node.stop for node in started.values())
-        if errors:
-            for close in self._closers:
-                close()
-            raise errors[0]
-        return started
 
     def _check_connected(self) -> None:
         outcome = self._scheduler.first_outcome
@@ -310,7 +260,7 @@ class ClusterExecutor(Executor):
         function: FunctionPayload | BaseException,
         make_payload: Callable[[], Payload],
         flags: int = 0,
-        target: NodeLink | None = None,
+        options: TaskOptions = DEFAULT_OPTIONS,
     ) -> TaskFuture:
         future = self._scheduler.new_future()
         if isinstance(function, BaseException):
@@ -326,7 +276,7 @@ class ClusterExecutor(Executor):
             return future
         with self._shutdown_lock:
             self._check_open()
-            self._scheduler.submit(Task(future, function, payload, flags, target))
+            self._scheduler.submit(Task(future, function, payload, flags, options))
         return future
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
@@ -335,9 +285,24 @@ class ClusterExecutor(Executor):
         Never blocks on the network. Raises RuntimeError after shutdown and BrokenCluster once
         the cluster is broken; an argument that cannot be pickled becomes the future's exception.
         """
+        return self._submit(fn, args, kwargs, DEFAULT_OPTIONS)
+
+    def _submit(
+        self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], options: TaskOptions
+    ) -> Future[T]:
         with self._shutdown_lock:
             self._check_open()
-        return self._queue(self._pickled(fn), lambda: dumps_call(args, kwargs, self._catalog))
+        return self._queue(self._pickled(fn), lambda: dumps_call(args, kwargs, self._catalog), options=options)
+
+    def options(self, *, timeout: Any = UNSET, retries: Any = UNSET, node: Any = UNSET) -> ExecutorView:
+        """A view of this executor whose ``submit`` and ``map`` give each task these options.
+
+        ``timeout``: seconds a task may run on its worker; past it the worker is killed (and
+        replaced) and the task fails with :class:`~clusterexec.TaskTimeoutError`. ``retries``:
+        times a task is sent again after its node is lost. ``node``: the one node the tasks run
+        on (``submit_to`` is ``options(node=...).submit``). Raises TypeError or ValueError for a
+        bad value, ConfigurationError for a node that is not this executor's."""
+        return make_view(self, DEFAULT_OPTIONS, timeout, retries, node)
 
     def map(
         self,
@@ -363,13 +328,25 @@ class ClusterExecutor(Executor):
             raise TypeError("buffersize must be an integer or None")
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or >= 1.")
+        return self._map(fn, iterables, timeout, chunksize, buffersize, DEFAULT_OPTIONS)
+
+    def _map(
+        self,
+        fn: Callable[..., T],
+        iterables: tuple[Iterable[Any], ...],
+        timeout: float | None,
+        chunksize: int,
+        buffersize: int | None,
+        options: TaskOptions,
+    ) -> Iterator[T]:
         end_time = None if timeout is None else timeout + time.monotonic()
         with self._shutdown_lock:
             self._check_open()
         # The iterator holds the executor weakly, as CPython's does: a forgotten executor
         # can be collected (and its nodes stopped) while an unfinished map is still around.
         executor_ref = weakref.ref(self)
-        return map_tasks(executor_ref, self._pickled(fn), self._catalog, iterables, chunksize, buffersize, end_time)
+        function = self._pickled(fn)
+        return map_tasks(executor_ref, function, self._catalog, iterables, chunksize, buffersize, end_time, options)
 
     def submit_to(
         self, node: NodeStatus | NodeAddress | str | tuple[str, int], fn: Callable[..., T], /, *args: Any, **kwargs: Any
@@ -377,10 +354,7 @@ class ClusterExecutor(Executor):
         """Schedule ``fn(*args, **kwargs)`` on one chosen node (an entry of :attr:`nodes` or its
         address). The task waits for that node if it is down; raises ValueError for a node that
         is not part of this executor."""
-        link = self._link(node)
-        with self._shutdown_lock:
-            self._check_open()
-        return self._queue(self._pickled(fn), lambda: dumps_call(args, kwargs, self._catalog), target=link)
+        return self._submit(fn, args, kwargs, TaskOptions(node=self._link(node)))
 
     def _link(self, node: NodeStatus | NodeAddress | str | tuple[str, int]) -> NodeLink:
         names = {link.name for link in self._scheduler.links}
@@ -474,14 +448,6 @@ class ClusterExecutor(Executor):
         with self._shutdown_lock:
             self._shutdown = True
         self._scheduler.stop_workers(how)
-
-
-def _spread(total: int | None, count: int) -> list[int | None]:
-    """Split ``total`` workers over ``count`` nodes (None: each node's own count)."""
-    if total is None:
-        return [None] * count
-    base, extra = divmod(total, count)
-    return [base + (1 if i < extra else 0) or 1 for i in range(count)]
 
 
 def _note(exc: BaseException, text: str) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, Protocol
 
+from clusterexec.client.options import DEFAULT_OPTIONS, TaskOptions
 from clusterexec.client.tasks import TaskFuture, cancel_and_notify
 from clusterexec.code.serialize import ChunkFailure, FunctionPayload, Payload, dumps_call
 from clusterexec.code.shipping import ModuleCatalog
@@ -36,7 +37,11 @@ class MapExecutor(Protocol):
     def _scheduler(self) -> FutureCanceller: ...
 
     def _queue(
-        self, function: FunctionPayload | BaseException, make_payload: Callable[[], Payload], flags: int = 0
+        self,
+        function: FunctionPayload | BaseException,
+        make_payload: Callable[[], Payload],
+        flags: int = 0,
+        options: TaskOptions = DEFAULT_OPTIONS,
     ) -> TaskFuture: ...
 
 
@@ -48,6 +53,7 @@ def map_tasks(
     chunksize: int,
     buffersize: int | None,
     end_time: float | None,
+    options: TaskOptions = DEFAULT_OPTIONS,
 ) -> Iterator[Any]:
     """Submit ``function`` over the zipped ``iterables`` (in chunks of ``chunksize``; only
     ``buffersize`` ahead if given) and return the iterator of the results, in order."""
@@ -63,8 +69,8 @@ def map_tasks(
         if executor is None:
             raise RuntimeError("cannot schedule new futures after the executor was garbage-collected")
         if flags:
-            return executor._queue(function, lambda: dumps_call((list(item),), {}, catalog), flags)
-        return executor._queue(function, lambda: dumps_call(item, {}, catalog))
+            return executor._queue(function, lambda: dumps_call((list(item),), {}, catalog), flags, options)
+        return executor._queue(function, lambda: dumps_call(item, {}, catalog), 0, options)
 
     if buffersize is None:
         futures = deque(queue(item) for item in source)

@@ -251,12 +251,13 @@ class TaskBook:
         for task in tasks:
             task.link = None
             task.attempts += 1
-            if task.attempts > self.retries:
+            retries = self.retries if task.retries is None else task.retries
+            if task.attempts > retries:
                 self.fail(
                     task,
                     NodeLostError(
                         f"task {task.task_id} was lost with node {link.name} ({link.error}); "
-                        f"it was sent {task.attempts} times, more than retries={self.retries}"
+                        f"it was sent {task.attempts} times, more than retries={retries}"
                     ),
                 )
                 continue

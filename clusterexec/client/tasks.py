@@ -19,6 +19,7 @@ from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any, Protocol
 
+from clusterexec.client.options import DEFAULT_OPTIONS, TaskOptions
 from clusterexec.code.serialize import FunctionPayload, Payload
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ class Task:
         "link",
         "replies",
         "target",
+        "timeout",
+        "retries",
         "sent_at",
         "to_idle",
         "withdrawing",
@@ -59,7 +62,7 @@ class Task:
         function: FunctionPayload,
         payload: Payload,
         flags: int = 0,
-        target: NodeLink | None = None,
+        options: TaskOptions = DEFAULT_OPTIONS,
     ) -> None:
         self.task_id = 0
         self.future = future
@@ -70,7 +73,9 @@ class Task:
         self.attempts = 0
         self.link: NodeLink | None = None
         self.replies: list[Reply] | None = None
-        self.target = target
+        self.target = options.node
+        self.timeout = options.timeout  # seconds it may run on its worker (None: no limit)
+        self.retries = options.retries  # times it may be re-sent after a lost node (None: the executor's)
         self.sent_at = 0.0  # when it was last sent to a node (time.monotonic())
         self.to_idle = False  # it was sent to a node with a free worker: no queue ahead of it there
         self.withdrawing = False  # asked back from its node, to go to an idle worker elsewhere

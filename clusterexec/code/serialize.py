@@ -22,7 +22,7 @@ from clusterexec.errors import RemoteError
 from clusterexec.wire.compression import pack
 
 if TYPE_CHECKING:
-    from clusterexec.errors import TaskUnpicklingError, WorkerCrashedError
+    from clusterexec.errors import TaskTimeoutError, TaskUnpicklingError, WorkerCrashedError
 
 # cloudpickle, tblib and concurrent.futures.process are imported where first needed: a worker
 # whose tasks take and return plain values, and a node, never pay for them.
@@ -280,8 +280,18 @@ def decode_result(status: int, body: Any, buffers: Any, task_id: int, node: str)
     raise ValueError(f"unknown result status {status}")
 
 
-def crash_error(task_id: int, node: str, info: dict[str, Any]) -> WorkerCrashedError:
-    """The error for a task whose worker process died, from the node's CRASHED report."""
+def crash_error(task_id: int, node: str, info: dict[str, Any]) -> WorkerCrashedError | TaskTimeoutError:
+    """The error for a task whose worker process died, from the node's CRASHED report (a
+    TaskTimeoutError if the node killed it for running past its timeout)."""
+    timeout = info.get("timeout")
+    if isinstance(timeout, (int, float)):
+        from clusterexec.errors import TaskTimeoutError
+
+        return TaskTimeoutError(
+            f"task {task_id} ran past its timeout of {timeout:g}s on node {node}; its worker process "
+            f"(pid {info.get('pid')}) was killed and replaced. Only this task failed; raise the timeout "
+            "with ex.options(timeout=...) if it needs longer."
+        )
     status = info.get("status", "unknown status")
     maxrss = info.get("maxrss_kb")
     memory = f"; its peak memory was {int(maxrss) / 1024:.1f} MiB" if isinstance(maxrss, int) and maxrss else ""

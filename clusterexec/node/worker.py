@@ -39,6 +39,7 @@ from clusterexec.wire.messages import (
     TASK_HEAD,
     Kind,
     pack_json,
+    task_payload_offset,
     unexpected,
 )
 from clusterexec.wire.sealing import PlainOpener, PlainSealer
@@ -137,7 +138,7 @@ class Worker:
             if held is None:
                 raise RuntimeError("clusterexec internal error: task refers to a function the worker does not hold")
             fn = loads(*held)
-            args, kwargs = loads(*unpack(memoryview(message.body)[TASK_HEAD.size :], message.buffers))
+            args, kwargs = loads(*unpack(memoryview(message.body)[task_payload_offset(flags) :], message.buffers))
         except BaseException as exc:  # even SystemExit from a __reduce__ fails this task alone
             error = unpickling_error(
                 task_id,

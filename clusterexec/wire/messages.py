@@ -94,6 +94,20 @@ SIGNAL_HEAD = struct.Struct("!B")  # how to stop the session's workers: WORKERS_
 
 # TASK flags.
 FLAG_CHUNK = 1
+FLAG_TIMEOUT = 2  # TIMEOUT_HEAD follows TASK_HEAD: the node kills a worker running it past that
+TIMEOUT_HEAD = struct.Struct("!I")  # milliseconds the task may run on its worker
+
+
+def task_payload_offset(flags: int) -> int:
+    """Where a TASK body's pickled arguments start, after its head (and timeout, if flagged)."""
+    return TASK_HEAD.size + (TIMEOUT_HEAD.size if flags & FLAG_TIMEOUT else 0)
+
+
+def task_timeout(body: bytes | memoryview, flags: int) -> float | None:
+    """A TASK's timeout in seconds, or None if it has none."""
+    if not flags & FLAG_TIMEOUT:
+        return None
+    return float(TIMEOUT_HEAD.unpack_from(body, TASK_HEAD.size)[0]) / 1000.0
 # SIGNAL_WORKERS: which signal the node sends (named, not a number: signal numbers are the node's).
 WORKERS_TERMINATE = 1  # SIGTERM, as Process.terminate()
 WORKERS_KILL = 2  # SIGKILL, as Process.kill()
