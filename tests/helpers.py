@@ -195,3 +195,30 @@ def gate_first(release: str, x: int) -> int:
     if x == 0:
         wait_for_file(release, timeout=60.0)
     return x
+
+
+def sleep_and_pid(seconds: float) -> int:
+    """Sleep ``seconds``, then return the worker's pid."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def write_pid_then_sleep(path: str, seconds: float) -> None:
+    """Write the worker's pid to ``path``, then sleep ``seconds``."""
+    with open(path + ".tmp", "w") as out:
+        out.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(seconds)
+
+
+def kill_node_once(marker: str) -> str:
+    """The first call (no ``marker`` file yet) creates it and SIGKILLs this worker's node; a
+    later call returns "survived"."""
+    import signal
+
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(30)
+    return "survived"

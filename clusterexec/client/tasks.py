@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import threading
-import weakref
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, PENDING, RUNNING
 from typing import TYPE_CHECKING, Any, Protocol
@@ -146,15 +145,24 @@ class TaskFuture(Future[Any]):
         self._scheduler: SentTaskCanceller | None = scheduler
         self._task: Task | None = None
         self._seen = False
+        # The exit report's record of this future's failure, if the cluster failed it: marked
+        # seen here, so that a future looked at and then dropped is not reported.
+        self._failure: list[Any] | None = None
+
+    def _mark_seen(self) -> None:
+        self._seen = True
+        failure = self._failure
+        if failure is not None:
+            failure[2] = True
 
     def result(self, timeout: float | None = None) -> Any:
         """As ``Future.result``."""
-        self._seen = True
+        self._mark_seen()
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As ``Future.exception``."""
-        self._seen = True
+        self._mark_seen()
         return super().exception(timeout)
 
     def cancel(self) -> bool:
@@ -178,21 +186,26 @@ class UnseenFailures:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._failures: list[tuple[weakref.ref[TaskFuture], int, str]] = []
+        # [task id, first line of the error, seen]: the future marks its record seen, and a
+        # future dropped unseen (fire and forget) leaves its record unseen.
+        self._failures: list[list[Any]] = []
         self._more = 0
 
     def note(self, future: TaskFuture, task_id: int, error: BaseException) -> None:
         """Remember a task that failed through no fault of its own code."""
         with self._lock:
             if len(self._failures) < self.LIMIT:
-                self._failures.append((weakref.ref(future), task_id, str(error).splitlines()[0]))
+                record: list[Any] = [task_id, str(error).splitlines()[0], False]
+                future._failure = record
+                record[2] = record[2] or future._seen  # after linking: a result() racing this sees one or the other
+                self._failures.append(record)
             else:
                 self._more += 1
 
     def report(self) -> str | None:
         """What to tell the user at exit, or None if every such failure was looked at."""
         with self._lock:
-            unseen = [(task_id, text) for ref, task_id, text in self._failures if not getattr(ref(), "_seen", False)]
+            unseen = [(task_id, text) for task_id, text, seen in self._failures if not seen]
             more, self._failures, self._more = self._more, [], 0
         if not unseen:
             return None

@@ -44,6 +44,11 @@ class WorkerProcess:
     short: bool = False
     kill_deadline: float = 0.0
     output: list[int] = field(default_factory=list)
+    # The running task's timeout (seconds) and when it is due; timed_out: the timeout it ran
+    # past, once the node killed it for that.
+    timeout: float | None = None
+    deadline: float = 0.0
+    timed_out: float | None = None
 
 
 def describe_status(status: int) -> str:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from clusterexec.errors import ProtocolError
 from clusterexec.node.host import NodeHost, WorkerProcess, WorkerState, describe_status, exit_report
+from clusterexec.node.limits import kill_overdue, timed
 from clusterexec.node.request import SessionRequest
 from clusterexec.wire.channel import Channel
 from clusterexec.wire.frames import AnyBuffer, Message
@@ -48,9 +49,13 @@ from clusterexec.wire.messages import (
     pack_cancelled,
     pack_ids,
     pack_json,
+    task_timeout,
     unexpected,
     unpack_ids,
     unpack_json,
+)
+from clusterexec.wire.messages import (
+    FLAG_TIMEOUT as TIMED,
 )
 from clusterexec.wire.sealing import Buffer, PlainOpener, PlainSealer
 
@@ -247,16 +252,21 @@ class Session:
                 self._give(worker, self.queue.popleft())
         for depth in range(2, PIPELINE + 1):
             for worker in self.workers:
-                if not self.queue:
+                # A task with a timeout never waits behind another on a worker, nor another behind it.
+                if not self.queue or timed(self.queue[0]):
                     break
-                if worker.short and len(worker.outstanding) < depth and self._accepting(worker):
+                if worker.short and len(worker.outstanding) < depth and self._accepting(worker) and not worker.timeout:
                     self._give(worker, self.queue.popleft())
         if self.started and not self.started_due:
             self.started_due = time.monotonic() + STARTED_DELAY
             self.node.timer_at(self.started_due)
 
     def _give(self, worker: WorkerProcess, message: Message) -> None:
-        task_id, digest, _ = TASK_HEAD.unpack_from(message.body, 0)
+        task_id, digest, flags = TASK_HEAD.unpack_from(message.body, 0)
+        if flags & TIMED:
+            worker.timeout = task_timeout(message.body, flags)
+            worker.deadline = time.monotonic() + (worker.timeout or 0.0)
+            self.node.timer_at(worker.deadline)
         if digest not in worker.functions:
             func = self.functions.get(digest)
             if func is None:
@@ -327,6 +337,7 @@ class Session:
         if not worker.outstanding or worker.outstanding[0][0] != task_id:
             raise ProtocolError(f"worker {worker.pid} answered for task {task_id} out of turn")
         worker.outstanding.popleft()
+        worker.timeout = None
         started = self.started
         started.pop(task_id, None)
         if not started:
@@ -374,10 +385,12 @@ class Session:
             running, _ = worker.outstanding.popleft()
             self.tasks_crashed += 1
             info = exit_report(worker.pid, status, maxrss_kb)
+            if worker.timed_out is not None:
+                info["timeout"] = worker.timed_out
             self._to_client(CRASHED, TASK_ID.pack(running) + pack_json(info))
-            log.warning(
-                "worker %d of session %s died (%s) running task %d", worker.pid, self.peer, description, running
-            )
+            level = logging.INFO if worker.timed_out is not None else logging.WARNING  # killed on purpose
+            what = "worker %d of session %s died (%s) running task %d"
+            log.log(level, what, worker.pid, self.peer, description, running)
             self._requeue(worker)
         else:
             log.warning("worker %d of session %s died (%s) while idle", worker.pid, self.peer, description)
@@ -413,7 +426,9 @@ class Session:
     # ------------------------------------------------------------------ life
 
     def tick(self, now: float) -> float:
-        """Send STARTED reports and heartbeats when due; return when the next timer is due."""
+        """Kill workers running a task past its timeout, send STARTED reports and heartbeats
+        when due; return when the next timer is due."""
+        due = kill_overdue(self.workers, now, self.peer)
         if self.started_due and now >= self.started_due:
             if self.started:
                 self._to_client(STARTED, pack_ids(list(self.started)))
@@ -423,8 +438,8 @@ class Session:
             self._to_client(HEARTBEAT)
             self.next_heartbeat = now + self.request.heartbeat_interval
         if self.started_due:
-            return min(self.started_due, self.next_heartbeat)
-        return self.next_heartbeat
+            due = min(due, self.started_due)
+        return min(due, self.next_heartbeat)
 
     def stop_workers(self) -> None:
         """Kill every worker of this session (SIGTERM now, SIGKILL after a grace period)."""

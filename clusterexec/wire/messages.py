@@ -103,7 +103,7 @@ def task_payload_offset(flags: int) -> int:
     return TASK_HEAD.size + (TIMEOUT_HEAD.size if flags & FLAG_TIMEOUT else 0)
 
 
-def task_timeout(body: bytes | memoryview, flags: int) -> float | None:
+def task_timeout(body: bytes | bytearray | memoryview, flags: int) -> float | None:
     """A TASK's timeout in seconds, or None if it has none."""
     if not flags & FLAG_TIMEOUT:
         return None
