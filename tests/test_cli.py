@@ -31,7 +31,8 @@ import pytest
 from conftest import NodeProcess, clean_env, cli, wait_until
 
 from clusterexec import ClusterExecutor
-from clusterexec.cli.main import fold_nodes, format_duration
+from clusterexec.cli.main import fold_nodes
+from clusterexec.cli.status import format_duration
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,6 @@ Real nodes and workers: a task past its timeout has its worker process SIGKILLed
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import Executor
 from pathlib import Path
 

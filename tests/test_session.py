@@ -62,7 +62,7 @@ class FakeHost(NodeHost):
         self.flushes: list[Channel] = []
         self.timers: list[float] = []
 
-    def status(self) -> dict[str, object]:
+    def status(self, packages: list[object] | None = None) -> dict[str, object]:
         return {"host": "fake", "tasks_run": self.tasks_run}
 
     def describe(self) -> dict[str, object]:

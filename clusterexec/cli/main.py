@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from clusterexec.cli.probe import DEFAULT_TIMEOUT, probe_all
 from clusterexec.cli.shell import NodeOutcome, run_command
-from clusterexec.client.report import ClusterReport, NodeReport
+from clusterexec.cli.status import print_status
+from clusterexec.code.versions import installed_packages
 from clusterexec.errors import ClusterError
 from clusterexec.keys import resolve_key, write_key_file
 from clusterexec.launch import nodeset
@@ -130,93 +131,34 @@ def fold_nodes(names: Iterable[str], show_ports: bool = True) -> str:
 
 # --------------------------------------------------------------------------- status
 
-STATUS_COLUMNS = ("NODE", "STATE", "WORKERS", "BUSY", "TASKS", "PYTHON", "CLUSTEREXEC", "UPTIME")
-NUMERIC = {"WORKERS", "BUSY", "TASKS"}
-
-
 def _status(args: argparse.Namespace) -> int:
     nodes, key = _targets(args)
     addresses = _tcp_only(nodes)
     tls = _tls_context(args)
+    packages = _package_names(args.packages)
     if args.watch is None:
-        report = probe_all(addresses, key, args.timeout, tls)
-        _print_status(report, args.json)
+        report = probe_all(addresses, key, args.timeout, tls, packages)
+        print_status(report, args.json)
         return EXIT_OK if report.all_up else EXIT_FAILED
     clear = sys.stdout.isatty() and not args.json
     try:
         while True:
             started = time.monotonic()
-            report = probe_all(addresses, key, args.timeout, tls)
+            report = probe_all(addresses, key, args.timeout, tls, packages)
             if clear:
                 sys.stdout.write("\033[H\033[2J")
-            _print_status(report, args.json, watching=args.watch)
+            print_status(report, args.json, watching=args.watch)
             time.sleep(max(0.0, args.watch - (time.monotonic() - started)))
     except KeyboardInterrupt:
         return EXIT_OK  # Ctrl-C is how --watch ends
 
 
-def _print_status(report: ClusterReport, as_json: bool, watching: float | None = None) -> None:
-    up = sum(1 for entry in report.nodes if entry.up)
-    if as_json:
-        document: dict[str, object] = {"all_up": report.all_up, "up": up, "total": len(report)}
-        if watching is not None:
-            document["time"] = round(time.time(), 3)
-        document["nodes"] = [entry.as_dict() for entry in report.nodes]
-        print(json.dumps(document), flush=True)
-        return
-    if watching is not None:
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  every {watching:g}s, Ctrl-C to stop\n")
-    print(format_status_table(report.nodes))
-    summary = f"all {len(report)} nodes up" if report.all_up else f"{up} of {len(report)} nodes up"
-    print(summary if len(report) != 1 else ("1 node up" if up else "1 node down"), flush=True)
-
-
-def format_status_table(reports: Sequence[NodeReport]) -> str:
-    """The ``status`` table: one row per node, a down node's reason in place of its numbers."""
-    rows: list[tuple[str, ...]] = [STATUS_COLUMNS]
-    for entry in reports:
-        if entry.up:
-            rows.append(
-                (
-                    entry.address,
-                    "up",
-                    str(entry.workers),
-                    str(entry.busy),
-                    str(entry.tasks_run),
-                    entry.python,
-                    entry.clusterexec,
-                    format_duration(entry.uptime),
-                )
-            )
-        else:
-            rows.append((entry.address, "down", entry.reason))
-    widths = [max(len(row[i]) for row in rows if len(row) == len(STATUS_COLUMNS) or i < 2) for i in range(8)]
-    lines = []
-    for row in rows:
-        if len(row) < len(STATUS_COLUMNS):
-            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2]]
-        else:
-            cells = [
-                cell.rjust(width) if name in NUMERIC else cell.ljust(width)
-                for name, cell, width in zip(STATUS_COLUMNS, row, widths, strict=True)
-            ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def format_duration(seconds: float) -> str:
-    """A duration in its two largest units: ``42s``, ``5m12s``, ``3h05m``, ``2d04h``."""
-    total = int(seconds)
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
+def _package_names(option: str | None) -> list[str] | None:
+    """The package names ``--packages`` asks about: those given, or every installed one."""
+    if option is None:
+        return None
+    names = [name.strip() for name in option.split(",") if name.strip()]
+    return names or installed_packages()
 
 
 # --------------------------------------------------------------------------- run
@@ -413,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds to wait for each node (default: {DEFAULT_TIMEOUT:g})",
     )
     status.add_argument("--json", action="store_true", help="print JSON (one line per refresh with --watch)")
+    status.add_argument(
+        "--packages",
+        nargs="?",
+        const="",
+        metavar="NAMES",
+        help="also compare package versions with this environment's: NAMES (comma-separated import "
+        "names), or every installed package if none; lists those that differ per node",
+    )
     status.add_argument(
         "--watch",
         type=float,

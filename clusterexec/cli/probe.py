@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 
 from clusterexec._version import __version__
 from clusterexec.client.report import ClusterReport, NodeReport, report_from_status
+from clusterexec.code.versions import versions
 from clusterexec.errors import AuthenticationError, ProtocolError, VersionMismatchError
 from clusterexec.launch.specs import NodeAddress
 from clusterexec.wire.channel import BlockingChannel, ConnectionClosed
 from clusterexec.wire.handshake import ClientHandshake, RecordReader, SessionKeys
-from clusterexec.wire.messages import BYE, STATUS, STATUS_REPLY, unpack_json
+from clusterexec.wire.messages import BYE, STATUS, STATUS_REPLY, pack_json, unpack_json
 
 DEFAULT_TIMEOUT = 5.0
 # Probes run on at most this many threads: up to this many nodes answer within one timeout.
@@ -55,7 +56,11 @@ class _Down(Exception):
 
 
 def probe(
-    address: NodeAddress, key: bytes | None, timeout: float = DEFAULT_TIMEOUT, tls: ssl.SSLContext | None = None
+    address: NodeAddress,
+    key: bytes | None,
+    timeout: float = DEFAULT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
+    packages: list[str] | None = None,
 ) -> NodeReport:
     """Ask one node for its health report: connect, handshake, STATUS, reply, close.
 
@@ -63,13 +68,14 @@ def probe(
     first, for a node started with ``--tls-cert``. Blocks for at most about ``timeout``
     seconds (plus a name lookup). Never raises for a node that is down: the report says
     ``up=False`` and why (refused, timed out, authentication failed, TLS expected or not...).
+    With ``packages``, the report lists those whose version differs on the node from here.
     """
     deadline = time.monotonic() + timeout
     try:
-        info = _ask_status(address, key or b"", deadline, tls)
+        info = _ask_status(address, key or b"", deadline, tls, packages)
     except _Down as down:
         return NodeReport(str(address), False, down.reason)
-    return report_from_status(str(address), info)
+    return report_from_status(str(address), info, versions(packages) if packages else None)
 
 
 def probe_all(
@@ -77,6 +83,7 @@ def probe_all(
     key: bytes | None,
     timeout: float = DEFAULT_TIMEOUT,
     tls: ssl.SSLContext | None = None,
+    packages: list[str] | None = None,
 ) -> ClusterReport:
     """Probe every node in parallel (each as :func:`probe`, with ``tls`` if given); reports
     come back in the order of ``addresses``.
@@ -96,7 +103,7 @@ def probe_all(
                 index = todo.get_nowait()
             except queue.Empty:
                 return
-            reports[index] = probe(addresses[index], key, timeout, tls)
+            reports[index] = probe(addresses[index], key, timeout, tls, packages)
 
     count = min(len(addresses), PROBE_THREADS)
     threads = [threading.Thread(target=work, name="clusterexec-probe", daemon=True) for _ in range(count)]
@@ -117,7 +124,9 @@ def probe_all(
 # --------------------------------------------------------------------------- one probe, step by step
 
 
-def _ask_status(address: NodeAddress, key: bytes, deadline: float, tls: ssl.SSLContext | None) -> dict[str, object]:
+def _ask_status(
+    address: NodeAddress, key: bytes, deadline: float, tls: ssl.SSLContext | None, packages: list[str] | None = None
+) -> dict[str, object]:
     sock = _connect(address, deadline)
     try:
         if tls is not None:
@@ -127,7 +136,7 @@ def _ask_status(address: NodeAddress, key: bytes, deadline: float, tls: ssl.SSLC
         channel.feed_initial(leftover)
         _set_timeout(sock, deadline, "asking for the status")
         try:
-            channel.send(STATUS)
+            channel.send(STATUS, pack_json({"packages": packages}) if packages else b"")
             while True:
                 message = channel.receive()
                 if message.kind == STATUS_REPLY:

@@ -29,6 +29,7 @@ from clusterexec.client.tasks import UNSEEN, Task, TaskFuture
 from clusterexec.code.mainscript import prepare_worker
 from clusterexec.code.serialize import FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.code.shipping import ModuleCatalog, rerunning_main
+from clusterexec.code.versions import versions
 from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
 from clusterexec.launch.local import LocalNode
 from clusterexec.launch.specs import (
@@ -384,13 +385,17 @@ class ClusterExecutor(Executor):
         """Ask every node for a health report (in parallel, at most ``timeout`` seconds).
 
         A node that is not connected, or does not answer in time, is reported down with why.
+        Each report gives the node's Python version and, in ``packages``, every installed package
+        the tasks so far referred to by name whose version differs there from here.
         """
         results: dict[str, NodeReport] = {}
         links = self._scheduler.links
+        names = sorted(self._catalog.packages)
+        here = versions(names)
 
         def ask(link: NodeLink) -> None:
-            info = self._scheduler.node_status(link, timeout)
-            results[link.name] = link.health(info)
+            info = self._scheduler.node_status(link, timeout, names)
+            results[link.name] = link.health(info, here)
 
         threads = [threading.Thread(target=ask, args=(link,), daemon=True) for link in links]
         for thread in threads:

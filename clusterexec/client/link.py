@@ -332,16 +332,16 @@ class NodeLink:
             python=str(self.info.get("python", "")),
         )
 
-    def health(self, info: dict[str, Any] | None) -> NodeReport:
+    def health(self, info: dict[str, Any] | None, here: dict[str, str] | None = None) -> NodeReport:
         """The node's health report for ``ex.check()``, from its answer to STATUS; with None (no
-        answer), the node is reported down with why."""
+        answer), the node is reported down with why. ``here``: the client's package versions."""
         if info is None:
             if self.state is LinkState.READY:
                 reason = "timed out"
             else:
                 reason = str(self.error) if self.error is not None else self.state.value
             return NodeReport(self.name, False, reason, workers=self.workers)
-        return report_from_status(self.name, info)
+        return report_from_status(self.name, info, here)
 
     def python_version(self) -> str:
         """The node's Python version as ``major.minor`` ('' if not known yet)."""

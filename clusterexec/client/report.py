@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from clusterexec.code.versions import differences
+
 
 @dataclass(frozen=True)
 class NodeStatus:
@@ -53,7 +55,10 @@ class ClusterStats:
 
 @dataclass(frozen=True)
 class NodeReport:
-    """A health check of one node: up or down and why, and what the node says of itself."""
+    """A health check of one node: up or down and why, and what the node says of itself.
+
+    ``python`` is the node's Python version; ``packages`` names each package the client's
+    tasks referred to whose version differs on the node: ``{name: (here, there)}``."""
 
     address: str
     up: bool
@@ -64,6 +69,7 @@ class NodeReport:
     python: str = ""
     clusterexec: str = ""
     uptime: float = 0.0
+    packages: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         """The report as plain data (for JSON)."""
@@ -85,8 +91,11 @@ class ClusterReport:
         return len(self.nodes)
 
 
-def report_from_status(address: str, info: dict[str, object]) -> NodeReport:
-    """A :class:`NodeReport` of an up node from its STATUS reply (missing fields are zero)."""
+def report_from_status(address: str, info: dict[str, object], here: dict[str, str] | None = None) -> NodeReport:
+    """A :class:`NodeReport` of an up node from its STATUS reply (missing fields are zero);
+    ``here``: the client's package versions, compared with the node's."""
+    there = info.get("packages")
+    differ = differences(here, there) if here and isinstance(there, dict) else {}
 
     def number(name: str) -> float:
         value = info.get(name, 0)
@@ -102,4 +111,5 @@ def report_from_status(address: str, info: dict[str, object]) -> NodeReport:
         python=str(info.get("python", "")),
         clusterexec=str(info.get("clusterexec", "")),
         uptime=float(number("uptime")),
+        packages=differ,
     )

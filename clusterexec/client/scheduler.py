@@ -47,6 +47,7 @@ from clusterexec.wire.messages import (
     SIGNAL_WORKERS,
     STATUS,
     Kind,
+    pack_json,
     unexpected,
     unpack_json,
 )
@@ -159,12 +160,12 @@ class Scheduler:
         close that link: the node always hears it."""
         self._mailbox.call_soon(self._stop_workers, how)
 
-    def node_status(self, link: NodeLink, timeout: float) -> dict[str, Any] | None:
-        """Ask a node for its health report; None if it is not connected or does not answer.
-        Thread-safe; blocks up to ``timeout``."""
+    def node_status(self, link: NodeLink, timeout: float, packages: list[str] | None = None) -> dict[str, Any] | None:
+        """Ask a node for its health report (with its versions of ``packages``); None if it is
+        not connected or does not answer. Thread-safe; blocks up to ``timeout``."""
         reply = Reply()
         reply.value = None
-        self._mailbox.call_soon(self._ask_status, link, reply)
+        self._mailbox.call_soon(self._ask_status, link, reply, packages)
         reply.event.wait(timeout)
         return reply.value
 
@@ -269,10 +270,10 @@ class Scheduler:
     def _stop_after_tasks(self) -> None:
         self._stop = True
 
-    def _ask_status(self, link: NodeLink, reply: Reply) -> None:
+    def _ask_status(self, link: NodeLink, reply: Reply, packages: list[str] | None) -> None:
         if link.state is LinkState.READY and link.channel is not None:
             self._ledgers[link].await_status(reply)
-            link.channel.send(STATUS)
+            link.channel.send(STATUS, pack_json({"packages": packages}) if packages else b"")
             self._book.dirty[link] = self._ledgers[link]
         else:
             reply.answer(None)

@@ -18,6 +18,7 @@ from clusterexec.client.ledger import NodeLedger
 from clusterexec.client.link import NodeLink
 from clusterexec.client.tasks import UNSEEN, Reply, Task, TaskFuture, TaskState, cancel_and_notify, mark_running
 from clusterexec.code.serialize import crash_error, decode_result, unpickling_error
+from clusterexec.code.versions import name_differences
 from clusterexec.errors import ClusterError, NodeLostError, RemoteError, WorkerStoppedError
 from clusterexec.wire.compression import unpack
 from clusterexec.wire.frames import Message
@@ -100,6 +101,8 @@ class TaskBook:
         try:
             body, buffers = unpack(memoryview(message.body)[RESULT_HEAD.size :], message.buffers)
             value, exception = decode_result(status, body, buffers, task_id, link.name)
+            if exception is not None and hasattr(exception, "node_packages"):
+                name_differences(exception, link.name)
         except BaseException as exc:  # even SystemExit from a __reduce__ must not stop this thread
             value = None
             exception = unpickling_error(

@@ -14,6 +14,7 @@ from typing import Any
 import cloudpickle
 
 from clusterexec.code.shipping import ModuleCatalog, ModuleSource, is_user_module, main_toplevel_qualname, resolve_main
+from clusterexec.code.versions import third_party
 
 
 class ShippingPickler(cloudpickle.Pickler):
@@ -31,6 +32,17 @@ class ShippingPickler(cloudpickle.Pickler):
         self.uses_main = False
         self.main_by_value = False
         self.by_value = False
+        self._modules_seen: set[object] = set()
+
+    def _note_package(self, obj: Any) -> None:
+        # The third-party packages a pickle refers to by name: ex.check() compares their
+        # versions with the nodes'.
+        module = getattr(obj, "__module__", None)
+        if module not in self._modules_seen:
+            self._modules_seen.add(module)
+            top = third_party(module)
+            if top is not None:
+                self.catalog.note_package(top)
 
     def _note(self, name: object) -> None:
         if not isinstance(name, str) or name in self.modules:
@@ -42,6 +54,7 @@ class ShippingPickler(cloudpickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         """Send main-script objects by name; note user modules; flag code sent as bytecode."""
         if isinstance(obj, (types.FunctionType, type)):
+            self._note_package(obj)
             if self.catalog.auto:
                 qualname = main_toplevel_qualname(obj)
                 if qualname is not None and self.catalog.by_name_in_main(qualname):
@@ -56,8 +69,14 @@ class ShippingPickler(cloudpickle.Pickler):
                 # which come through here too); builtin types go by name.
                 self.by_value = True
             return result
-        if isinstance(obj, types.ModuleType) and self.catalog.auto:
-            self._note(obj.__name__)
+        if type(obj) is types.BuiltinFunctionType:
+            self._note_package(obj)
+        elif isinstance(obj, types.ModuleType):
+            top = third_party(obj.__name__)
+            if top is not None:
+                self.catalog.note_package(top)
+            if self.catalog.auto:
+                self._note(obj.__name__)
         if type(obj) is types.CodeType and _reduce_code is not None:
             # cloudpickle writes "<dynamic-code>" as the file name of code sent by value; keep
             # the real one, so remote tracebacks name the file and line (and show the line).

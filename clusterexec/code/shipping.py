@@ -147,6 +147,20 @@ class ModuleCatalog:
         # Why the main script is not re-run on workers (its functions then travel by value).
         self.main_rerun_blocker: str | None = None
         self.explicit: tuple[ModuleSource, ...] = tuple(s for m in explicit for s in self._explicit(m))
+        # Installed (not shipped) top-level packages that pickles made here referred to by name.
+        self.packages: set[str] = set()
+        self._not_packages: set[str] = set()
+
+    def note_package(self, top: str) -> None:
+        """Note that a pickle referred to top-level module ``top``; kept in :attr:`packages`
+        if it is installed here, not the user's own code (which is shipped by source)."""
+        if top in self.packages or top in self._not_packages:
+            return
+        module = sys.modules.get(top)
+        if module is None or is_user_module(module):
+            self._not_packages.add(top)
+        else:
+            self.packages.add(top)
 
     def _explicit(self, module: types.ModuleType | str) -> tuple[ModuleSource, ...]:
         if isinstance(module, str):

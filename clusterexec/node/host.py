@@ -98,8 +98,8 @@ class NodeHost:
 
     tasks_run = 0
 
-    def status(self) -> dict[str, object]:
-        """The node's health report (for STATUS requests)."""
+    def status(self, packages: list[object] | None = None) -> dict[str, object]:
+        """The node's health report (for STATUS requests), with its versions of ``packages``."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, object]:

@@ -123,10 +123,17 @@ class Node(NodeHost):
             "started": self.started,
         }
 
-    def status(self) -> dict[str, object]:
-        """Facts and counters for a health check: uptime, sessions, busy workers, tasks run."""
+    def status(self, packages: list[object] | None = None) -> dict[str, object]:
+        """Facts and counters for a health check: uptime, sessions, busy workers, tasks run;
+        with ``packages`` (top-level names), this node's version of each."""
         busy = sum(1 for s in self.sessions.values() for w in s.workers if w.outstanding)
+        extra: dict[str, object] = {}
+        if packages:
+            from clusterexec.code.versions import versions  # only when asked: metadata is slow to read
+
+            extra["packages"] = versions(packages)
         return {
+            **extra,
             **self.describe(),
             "uptime": time.time() - self.started,
             "workers": self.workers_per_session,

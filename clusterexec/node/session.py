@@ -160,7 +160,8 @@ class Session:
             self._to_worker(worker, message)
 
     def _on_status(self, message: Message) -> None:
-        self._to_client(STATUS_REPLY, pack_json(self.node.status()))
+        asked = unpack_json(message.body).get("packages") if len(message.body) else None
+        self._to_client(STATUS_REPLY, pack_json(self.node.status(asked if isinstance(asked, list) else None)))
 
     def _on_bye(self, message: Message) -> None:
         self.close("client said goodbye")

@@ -133,8 +133,8 @@ class Worker:
         self.channel.send(RESULT, RESULT_HEAD.pack(task_id, status, run_us) + payload.body, payload.buffers)
 
     def _call(self, task_id: int, digest: bytes, flags: int, message: Message) -> tuple[int, Payload]:
+        held = self.functions.get(digest)
         try:
-            held = self.functions.get(digest)
             if held is None:
                 raise RuntimeError("clusterexec internal error: task refers to a function the worker does not hold")
             fn = loads(*held)
@@ -148,6 +148,9 @@ class Worker:
                 "The modules they need must be installed on the node or shipped "
                 "(ClusterExecutor(modules=[...])), and their __reduce__/__setstate__ must not fail.",
             )
+            # The versions here of the packages the pickles name: the client compares them
+            # with its own and names those that differ, the usual cause.
+            error.node_packages = _packages_named(held, message)  # type: ignore[attr-defined]
             return STATUS_ERROR, dumps_failure(error)
         if flags & FLAG_CHUNK:
             return self._call_chunk(fn, args[0])
@@ -175,6 +178,22 @@ class Worker:
             return STATUS_OK, dumps(results)
         except BaseException as exc:
             return STATUS_ERROR, dumps_failure(exc)
+
+
+def _packages_named(function: tuple[Any, list[Any]] | None, task: Message) -> dict[str, str]:
+    """This worker's versions of the third-party packages a task's pickles refer to by name."""
+    from clusterexec.code.versions import pickle_packages, versions
+
+    names: list[str] = []
+    try:
+        pieces = [function] if function is not None else []
+        _, _, flags = TASK_HEAD.unpack_from(task.body, 0)
+        pieces.append(unpack(memoryview(task.body)[task_payload_offset(flags) :], task.buffers))
+        for body, _buffers in pieces:
+            names.extend(n for n in pickle_packages(body) if n not in names)
+    except Exception:  # best effort: the error itself is what matters
+        pass
+    return versions(names)
 
 
 # What each kind from the node does (as execnet's Message._types); a handler returns an exit
