@@ -47,3 +47,9 @@ def nap(seconds: float) -> float:
     workers on a small machine can all be busy at once."""
     time.sleep(seconds)
     return seconds
+
+
+def size_plus(captured: Any, x: int) -> int:
+    """``len(captured) + x``: a task bound to a large capture (``partial(size_plus, state)``)
+    whose own work costs nothing, so the cost is serving the capture to each task."""
+    return len(captured) + x

@@ -222,3 +222,39 @@ def kill_node_once(marker: str) -> str:
         os.kill(os.getppid(), signal.SIGKILL)
         time.sleep(30)
     return "survived"
+
+
+def append_and_count(items: list, x: int) -> int:
+    """Append ``x`` to ``items`` (a captured list) and return how many items it holds."""
+    items.append(x)
+    return len(items)
+
+
+def set_key_and_count(table: dict, x: int) -> int:
+    """Add key ``x`` to ``table`` (a captured dict) and return its size."""
+    table[x] = x
+    return len(table)
+
+
+def bump_first(array, x: int) -> int:
+    """Add ``x`` to ``array[0]`` in place and return the new value."""
+    array[0] += x
+    return int(array[0])
+
+
+def first_byte_plus(data: bytes, x: int) -> int:
+    """``data[0] + x``: a task bound to a large immutable capture."""
+    return data[0] + x
+
+
+class ItemBox:
+    """A user object a task can mutate."""
+
+    def __init__(self) -> None:
+        self.items: list[int] = []
+
+
+def fill_box(box: ItemBox, x: int) -> int:
+    """Append ``x`` to ``box.items`` and return how many it holds."""
+    box.items.append(x)
+    return len(box.items)

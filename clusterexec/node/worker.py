@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from clusterexec.code.captures import CallableTemplate
 from clusterexec.code.serialize import (
     Payload,
     capture_exception,
@@ -60,7 +61,7 @@ class Worker:
     def __init__(self, sock: socket.socket, compression: str | None = None) -> None:
         self.channel = BlockingChannel(sock, PlainSealer(), PlainOpener())
         self.compression = compression
-        self.functions: dict[bytes, tuple[Any, list[Any]]] = {}
+        self.functions: dict[bytes, CallableTemplate] = {}
         self.shipped = ShippedModules()
         self.shipped.install()
         self.init: Message | None = None
@@ -93,7 +94,8 @@ class Worker:
         return None
 
     def _on_func(self, message: Message) -> None:
-        self.functions[bytes(message.body[:16])] = unpack(memoryview(message.body)[16:], message.buffers)
+        body, buffers = unpack(memoryview(message.body)[16:], message.buffers)
+        self.functions[bytes(message.body[:16])] = CallableTemplate(body, buffers)
 
     def _on_forget(self, message: Message) -> None:
         self.functions.pop(bytes(message.body[:16]), None)
@@ -137,7 +139,7 @@ class Worker:
         try:
             if held is None:
                 raise RuntimeError("clusterexec internal error: task refers to a function the worker does not hold")
-            fn = loads(*held)
+            fn = held.for_task()
             args, kwargs = loads(*unpack(memoryview(message.body)[task_payload_offset(flags) :], message.buffers))
         except BaseException as exc:  # even SystemExit from a __reduce__ fails this task alone
             error = unpickling_error(
@@ -180,13 +182,13 @@ class Worker:
             return STATUS_ERROR, dumps_failure(exc)
 
 
-def _packages_named(function: tuple[Any, list[Any]] | None, task: Message) -> dict[str, str]:
+def _packages_named(function: CallableTemplate | None, task: Message) -> dict[str, str]:
     """This worker's versions of the third-party packages a task's pickles refer to by name."""
     from clusterexec.code.versions import pickle_packages, versions
 
     names: list[str] = []
     try:
-        pieces = [function] if function is not None else []
+        pieces = [(function.body, function.buffers)] if function is not None else []
         _, _, flags = TASK_HEAD.unpack_from(task.body, 0)
         pieces.append(unpack(memoryview(task.body)[task_payload_offset(flags) :], task.buffers))
         for body, _buffers in pieces:
