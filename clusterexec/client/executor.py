@@ -23,6 +23,7 @@ from clusterexec.client.mapping import map_tasks
 from clusterexec.client.output import OutputPrinter, PrefixChoice, resolve_prefix
 from clusterexec.client.report import ClusterReport, ClusterStats, NodeReport, NodeStatus
 from clusterexec.client.scheduler import Scheduler
+from clusterexec.client.starting import allocation_links, is_slurm_start, remote_links
 from clusterexec.client.tasks import UNSEEN, Task, TaskFuture
 from clusterexec.code.mainscript import prepare_worker
 from clusterexec.code.serialize import FunctionPayload, Payload, dumps, dumps_call, pickle_function
@@ -34,7 +35,6 @@ from clusterexec.launch.specs import (
     ALL_GROUP,
     DEFAULT_PORT,
     NodeAddress,
-    SshSpec,
     cluster_from_env,
     parse_address,
     read_cluster_file,
@@ -172,8 +172,16 @@ class ClusterExecutor(Executor):
                     local.address, local.key, request, self._max_workers, connect_timeout, compression=self._compression
                 )
             ]
+        elif is_slurm_start(nodes):
+            explicit_key = resolve_key(key, key_file) if key is not None or key_file is not None else None
+            args = (max_workers, request, connect_timeout, self._compression, self._closers)
+            links = allocation_links(explicit_key, *args)
+            self._max_workers = max_workers or 0
         else:
-            links = self._remote_links(resolve_nodes(nodes), key, key_file, max_workers, request, connect_timeout)
+            resolved = resolve_nodes(nodes)
+            tcp_key = resolve_key(key, key_file) if any(isinstance(n, NodeAddress) for n in resolved) else None
+            args = (max_workers, request, connect_timeout, self._compression, self._closers)
+            links = remote_links(resolved, tcp_key, *args)
             for link in links:
                 if ssl_context is not None and not link.name.startswith("ssh://"):
                     link.tls = ssl_context
@@ -190,6 +198,8 @@ class ClusterExecutor(Executor):
         self._scheduler.start()
         _live.add(self._scheduler)
         self._finalizer = weakref.finalize(self, _stop_scheduler, self._scheduler)
+        # What a node that joins later (a Slurm job's) is asked for.
+        self._request, self._connect_timeout = request, connect_timeout
         self._scheduler.first_round.wait(connect_timeout + 5.0)
         self._check_connected()
         if nodes is not None and not self._max_workers:
@@ -204,58 +214,37 @@ class ClusterExecutor(Executor):
         arguments are the constructor's."""
         return cls(resolve_nodes(read_cluster_file(path, group), port), **kwargs)
 
-    def _remote_links(
-        self,
-        nodes: list[NodeAddress | SshSpec],
-        key: str | bytes | None,
-        key_file: str | os.PathLike[str] | None,
-        max_workers: int | None,
-        request: SessionRequest,
-        connect_timeout: float,
-    ) -> list[NodeLink]:
-        """One link per node; SSH nodes are started first (in parallel), each with its own key."""
-        shares = _spread(max_workers, len(nodes))
-        tcp_key = resolve_key(key, key_file) if any(isinstance(n, NodeAddress) for n in nodes) else None
-        started = self._start_ssh_nodes([n for n in nodes if isinstance(n, SshSpec)], shares, nodes, connect_timeout)
-        links = []
-        for node, share in zip(nodes, shares, strict=True):
-            if isinstance(node, SshSpec):
-                ssh = started[node]
-                codec = self._compression if ssh.options.compress is None else check_codec(ssh.options.compress)
-                links.append(
-                    NodeLink(ssh.address, ssh.key, request, share, connect_timeout, name=str(node), compression=codec)
-                )
-            else:
-                links.append(NodeLink(node, tcp_key, request, share, connect_timeout, compression=self._compression))
-        return links
+    @classmethod
+    def from_slurm(
+        cls,
+        nodes: int = 1,
+        time: str | None = None,
+        partition: str | None = None,
+        *,
+        client_address: str | None = None,
+        python: str | None = None,
+        start_timeout: float | None = None,
+        **options: Any,
+    ) -> ClusterExecutor:
+        """An executor on the nodes of a Slurm job it submits (from a login node; see docs/nodes.md).
 
-    def _start_ssh_nodes(
-        self, specs: list[SshSpec], shares: list[int | None], nodes: list[Any], connect_timeout: float
-    ) -> dict[SshSpec, Any]:
-        if not specs:
-            return {}
-        from clusterexec.launch.ssh import SshNode
+        Submits one ``sbatch`` job of ``nodes`` hosts (``time`` and ``partition`` as sbatch's;
+        other keyword arguments are the constructor's when it has them, else sbatch options:
+        ``cpus_per_task=8`` is ``--cpus-per-task=8``). Blocks until the first node is ready
+        (at most ``start_timeout`` seconds; None waits as long as the job queues), then returns;
+        the other nodes join as they come up. The job calls back to ``client_address`` (default:
+        this host's name), with ``python`` (default: this interpreter) on the compute nodes.
+        Shutdown cancels the job, and so does this process dying. Raises ConfigurationError if
+        sbatch refuses the job, NodeUnreachableError if it ends or times out before a node is up.
+        """
+        from clusterexec.client.starting import from_slurm
 
-        started: dict[SshSpec, Any] = {}
-        errors: list[BaseException] = []
+        return from_slurm(cls, nodes, time, partition, client_address, python, start_timeout, dict(options))
 
-        def start(spec: SshSpec) -> None:
-            try:
-                started[spec] = SshNode(spec, shares[nodes.index(spec)], connect_timeout)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=start, args=(spec,), daemon=True) for spec in specs]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        self._closers.extend(node.stop for node in started.values())
-        if errors:
-            for close in self._closers:
-                close()
-            raise errors[0]
-        return started
+    def _add_node(self, address: NodeAddress, key: bytes) -> None:
+        """Add a node that came up after construction (a Slurm job's). Thread-safe."""
+        link = NodeLink(address, key, self._request, None, self._connect_timeout, compression=self._compression)
+        self._scheduler.add_link(link)
 
     def _check_connected(self) -> None:
         outcome = self._scheduler.first_outcome
@@ -474,14 +463,6 @@ class ClusterExecutor(Executor):
         with self._shutdown_lock:
             self._shutdown = True
         self._scheduler.stop_workers(how)
-
-
-def _spread(total: int | None, count: int) -> list[int | None]:
-    """Split ``total`` workers over ``count`` nodes (None: each node's own count)."""
-    if total is None:
-        return [None] * count
-    base, extra = divmod(total, count)
-    return [base + (1 if i < extra else 0) or 1 for i in range(count)]
 
 
 def _note(exc: BaseException, text: str) -> None:

@@ -82,6 +82,7 @@ class Scheduler:
         self.heartbeat_timeout = heartbeat_timeout
         self.reconnect_window = reconnect_window
         self._closers = list(closers)
+        self._finished = threading.Event()
         self._ids = itertools.count(1)
         self._new: deque[Task] = deque()
         self._poller = Poller()
@@ -167,6 +168,18 @@ class Scheduler:
         self._mailbox.call_soon(self._ask_status, link, reply)
         reply.event.wait(timeout)
         return reply.value
+
+    def add_closer(self, close: Callable[[], None]) -> None:
+        """Run ``close`` once the I/O thread has closed the links (it stops nodes this executor
+        started). Thread-safe; if the thread has finished already, runs it now."""
+        self._closers.append(close)
+        if self._finished.is_set():
+            close()
+
+    def add_link(self, link: NodeLink) -> None:
+        """Add a node to the running executor (a Slurm node that came up after the first).
+        Thread-safe; the I/O thread connects it and gives it tasks once it is ready."""
+        self._mailbox.call_soon(self._add_link, link)
 
     def stop(self) -> None:
         """Ask the I/O thread to finish the tasks it has, then close. Thread-safe."""
@@ -265,6 +278,18 @@ class Scheduler:
         # shutdown: idle workers get their tasks first (those run), then the rest is cancelled.
         self._dispatcher.dispatch(prefetch=False)
         self._book.cancel(list(self._book.tasks.values()), None)
+
+    def _add_link(self, link: NodeLink) -> None:
+        if self._stop or self.broken is not None:
+            return
+        ledger = NodeLedger()
+        # The book, the dispatcher and node_statuses() share these containers.
+        self._ledgers[link] = ledger
+        self.links.append(link)
+        self._nodes.append((link, ledger))
+        self._connect(link, ledger, time.monotonic())
+        self._sync(link)
+        self._timers_due = 0.0
 
     def _stop_after_tasks(self) -> None:
         self._stop = True
@@ -434,6 +459,7 @@ class Scheduler:
         leftover = BrokenCluster("the executor was shut down before these tasks could run")
         self._book.fail_all(self.broken or leftover)
         self._book.complete()
+        self._finished.set()
         for closer in self._closers:
             try:
                 closer()
