@@ -241,6 +241,10 @@ class ClusterExecutor(Executor):
 
         return from_slurm(cls, nodes, time, partition, client_address, python, start_timeout, dict(options))
 
+    def _stop_with(self, close: Callable[[], None]) -> None:
+        """Have shutdown call ``close`` after the links are closed (a Slurm job's cancel)."""
+        self._closers.append(close)  # the scheduler's own list
+
     def _add_node(self, address: NodeAddress, key: bytes) -> None:
         """Add a node that came up after construction (a Slurm job's). Thread-safe."""
         link = NodeLink(address, key, self._request, None, self._connect_timeout, compression=self._compression)

@@ -68,7 +68,7 @@ class Scheduler:
         retries: int,
         heartbeat_timeout: float,
         reconnect_window: float,
-        closers: Iterable[Callable[[], None]] = (),
+        closers: list[Callable[[], None]] | None = None,
         preload: tuple[ModuleSource, ...] = (),
         output: OutputPrinter | None = None,
     ) -> None:
@@ -81,8 +81,8 @@ class Scheduler:
         self.output = output
         self.heartbeat_timeout = heartbeat_timeout
         self.reconnect_window = reconnect_window
-        self._closers = list(closers)
-        self._finished = threading.Event()
+        # Kept, not copied: the executor appends what stops nodes that join later (a Slurm job).
+        self._closers = closers if closers is not None else []
         self._ids = itertools.count(1)
         self._new: deque[Task] = deque()
         self._poller = Poller()
@@ -168,13 +168,6 @@ class Scheduler:
         self._mailbox.call_soon(self._ask_status, link, reply)
         reply.event.wait(timeout)
         return reply.value
-
-    def add_closer(self, close: Callable[[], None]) -> None:
-        """Run ``close`` once the I/O thread has closed the links (it stops nodes this executor
-        started). Thread-safe; if the thread has finished already, runs it now."""
-        self._closers.append(close)
-        if self._finished.is_set():
-            close()
 
     def add_link(self, link: NodeLink) -> None:
         """Add a node to the running executor (a Slurm node that came up after the first).
@@ -280,16 +273,13 @@ class Scheduler:
         self._book.cancel(list(self._book.tasks.values()), None)
 
     def _add_link(self, link: NodeLink) -> None:
-        if self._stop or self.broken is not None:
-            return
-        ledger = NodeLedger()
-        # The book, the dispatcher and node_statuses() share these containers.
-        self._ledgers[link] = ledger
-        self.links.append(link)
-        self._nodes.append((link, ledger))
-        self._connect(link, ledger, time.monotonic())
-        self._sync(link)
-        self._timers_due = 0.0
+        if not self._stop and self.broken is None:  # the book and the dispatcher share these containers
+            self._ledgers[link] = ledger = NodeLedger()
+            self.links.append(link)
+            self._nodes.append((link, ledger))
+            self._connect(link, ledger, time.monotonic())
+            self._sync(link)
+            self._timers_due = 0.0
 
     def _stop_after_tasks(self) -> None:
         self._stop = True
@@ -459,7 +449,6 @@ class Scheduler:
         leftover = BrokenCluster("the executor was shut down before these tasks could run")
         self._book.fail_all(self.broken or leftover)
         self._book.complete()
-        self._finished.set()
         for closer in self._closers:
             try:
                 closer()

@@ -12,7 +12,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from clusterexec.client.link import NodeLink, SessionRequest
 from clusterexec.errors import NodeUnreachableError
@@ -22,10 +22,18 @@ from clusterexec.launch.specs import NodeAddress, SshSpec
 from clusterexec.launch.srun import SrunNodes, allocation_hosts
 from clusterexec.wire.compression import check_codec
 
-if TYPE_CHECKING:
-    from clusterexec.client.executor import ClusterExecutor
-
 SLURM_START_TIMEOUT = 120.0
+
+
+class JoinableExecutor(Protocol):
+    """What from_slurm needs of the executor it builds: adding nodes, and stopping them at the end."""
+
+    def _add_node(self, address: NodeAddress, key: bytes) -> None: ...
+
+    def _stop_with(self, close: Callable[[], None]) -> None: ...
+
+
+E = TypeVar("E", bound=JoinableExecutor)
 
 
 def spread(total: int | None, count: int) -> list[int | None]:
@@ -122,7 +130,7 @@ def allocation_links(
 
 
 def from_slurm(
-    cls: type[ClusterExecutor],
+    cls: Callable[..., E],
     nodes: int,
     time: str | None,
     partition: str | None,
@@ -130,11 +138,11 @@ def from_slurm(
     python: str | None,
     start_timeout: float | None,
     options: dict[str, Any],
-) -> ClusterExecutor:
+) -> E:
     """See :meth:`ClusterExecutor.from_slurm`: submit, wait for the first node, build the
     executor on it, and add the others from a thread as their ready lines arrive."""
-    parameters = inspect.signature(cls.__init__).parameters
-    executor_options = {name: options.pop(name) for name in list(options) if name in parameters and name != "self"}
+    parameters = inspect.signature(cls).parameters
+    executor_options = {name: options.pop(name) for name in list(options) if name in parameters}
     if "max_workers" in executor_options or "nodes" in executor_options:
         raise TypeError(
             "from_slurm takes the number of hosts as nodes= and no max_workers: each node runs one worker "
@@ -160,7 +168,7 @@ def from_slurm(
     except BaseException:
         job.cancel()
         raise
-    executor._scheduler.add_closer(job.cancel)
+    executor._stop_with(job.cancel)
     thread = threading.Thread(
         target=_add_later_nodes, args=(weakref.ref(executor), job), name=f"clusterexec-job-{job.job_id}", daemon=True
     )
@@ -168,7 +176,7 @@ def from_slurm(
     return executor
 
 
-def _add_later_nodes(executor_ref: weakref.ref[ClusterExecutor], job: SlurmJob) -> None:
+def _add_later_nodes(executor_ref: weakref.ref[JoinableExecutor], job: SlurmJob) -> None:
     """Add each node of the job that comes up after the first, until the job's stream ends."""
     while (node := job.ready.next(None)) is not None:
         executor = executor_ref()

@@ -21,17 +21,19 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
 from clusterexec.errors import ConfigurationError
 from clusterexec.keys import KEY_ENV
-from clusterexec.launch.slurmjob import NONCE_SIZE, proof
+from clusterexec.launch.slurmjob import NONCE_SIZE, WATCH_DONE, proof
 from clusterexec.launch.srun import ReadyLines, node_environment
 
 HANDSHAKE_TIMEOUT = 10.0
 STOP_TIMEOUT = 30.0
+STOP_GRACE = 10.0
 DEFAULT_OUTPUT = "clusterexec-slurm-%j.out"
 _OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 
@@ -177,31 +179,43 @@ class SlurmJob:
     def _why_ended(self) -> str:
         status = self._sbatch.wait()
         error = self._sbatch.stderr.read().decode(errors="replace").strip() if self._sbatch.stderr else ""
-        output = Path(self._output.replace("%j", self.job_id).replace("%x", "clusterexec"))
         try:
-            tail = output.read_text(errors="replace").strip().splitlines()[-20:]
+            tail = self._output_path().read_text(errors="replace").strip().splitlines()[-20:]
         except OSError:
             tail = []
         lines = "".join(f"\n  {line}" for line in [*error.splitlines(), *tail])
         return f"Slurm job {self.job_id} ended (sbatch --wait status {status}) before its nodes called back{lines}"
 
     def cancel(self) -> None:
-        """Stop the nodes and cancel the job; returns once scancel has run. Safe to call twice."""
+        """Stop the nodes and end the job; returns once it is ending. Safe to call twice.
+
+        The relay stops the nodes when it reads end of file, then closes its side and the job
+        ends by itself; only if it does not within 10 s (or never called) is the job scancelled."""
+        ended = False
         if self._relay is not None:
             try:
-                self._relay.shutdown(socket.SHUT_RDWR)
+                self._relay.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-        subprocess.run(
-            ["scancel", "--quiet", self.job_id],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            check=False,
-            timeout=STOP_TIMEOUT,
-        )
-        for process in (self._watchdog, self._sbatch):
-            if process.stdin is not None and not process.stdin.closed:
-                process.stdin.close()
+            ended = self.ready.join(STOP_GRACE)
+            self._relay.close()
+        if not ended:
+            subprocess.run(
+                ["scancel", "--quiet", self.job_id],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+                timeout=STOP_TIMEOUT,
+            )
+        self._wait_gone(STOP_GRACE)
+        stdin = self._watchdog.stdin
+        if stdin is not None and not stdin.closed:
+            try:
+                if ended:
+                    stdin.write(WATCH_DONE)  # the job is ending by itself: no scancel
+                stdin.close()
+            except OSError:
+                pass
         try:
             self._watchdog.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -214,6 +228,34 @@ class SlurmJob:
             self._sbatch.kill()
             self._sbatch.wait()
         self._listener.close()
+        output = self._output_path()
+        if ended and output.is_file() and output.stat().st_size == 0:
+            output.unlink()  # nothing to read there: the nodes said nothing
+
+    def _wait_gone(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until squeue no longer lists the job, so that a caller who
+        looks right after shutdown sees it gone. Slurm offers no event for this: squeue is asked
+        every 50-500 ms."""
+        deadline = time.monotonic() + timeout
+        pause = 0.05
+        while time.monotonic() < deadline:
+            try:
+                listed = subprocess.run(
+                    ["squeue", "--noheader", "--jobs", self.job_id, "--format=%T"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                    timeout=STOP_TIMEOUT,
+                ).stdout.strip()
+            except (OSError, subprocess.TimeoutExpired):
+                return
+            if not listed:
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    def _output_path(self) -> Path:
+        return Path(self._output.replace("%j", self.job_id).replace("%x", "clusterexec"))
 
     def describe_end(self) -> str:
         """Why the job's nodes stopped coming: the job ended, or what the relay last said."""

@@ -28,6 +28,8 @@ from clusterexec.launch.srun import SrunNodes
 NONCE_SIZE = 32
 PROOF_TAG = b"clusterexec slurm job relay\0"
 CONNECT_TIMEOUT = 60.0
+# What the client writes to its watchdog when the job ended by itself (no scancel needed).
+WATCH_DONE = b"done\n"
 
 
 def proof(key: bytes, nonce: bytes) -> bytes:
@@ -100,12 +102,15 @@ def relay(host: str, port: int) -> int:
 
 
 def watch(job_id: str) -> int:
-    """The watchdog: wait for stdin to end, then cancel the job."""
+    """The watchdog: wait for stdin to end, then cancel the job unless the client said it ended."""
+    said = b""
     try:
-        while sys.stdin.buffer.read(4096):
-            pass
+        while chunk := os.read(sys.stdin.fileno(), 4096):
+            said += chunk
     except OSError:
         pass
+    if said == WATCH_DONE:
+        return 0
     subprocess.run(["scancel", "--quiet", job_id], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     return 0
 

@@ -82,6 +82,11 @@ class ReadyLines:
         finally:
             self._queue.put(None)
 
+    def join(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the stream to end; True if it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def next(self, timeout: float | None) -> ReadyNode | None:
         """The next ready node; None once the stream has ended. Blocks at most ``timeout``
         seconds (None: no limit); raises TimeoutError when it passes."""
