@@ -145,12 +145,18 @@ class TaskFuture(Future[Any]):
     def result(self, timeout: float | None = None) -> Any:
         """As ``Future.result``."""
         self._seen = True
-        return super().result(timeout)
+        try:
+            return super().result(timeout)
+        finally:
+            UNSEEN.forget(self)  # seen, even if the future is dropped before exit
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As ``Future.exception``."""
         self._seen = True
-        return super().exception(timeout)
+        try:
+            return super().exception(timeout)
+        finally:
+            UNSEEN.forget(self)
 
     def cancel(self) -> bool:
         """Cancel the task if it has not started; return True if it is cancelled."""
@@ -183,6 +189,12 @@ class UnseenFailures:
                 self._failures.append((weakref.ref(future), task_id, str(error).splitlines()[0]))
             else:
                 self._more += 1
+
+    def forget(self, future: TaskFuture) -> None:
+        """``future``'s failure was looked at: no report for it, even once it is collected."""
+        if self._failures:  # read without the lock: a failure noted a moment ago is found next time
+            with self._lock:
+                self._failures = [entry for entry in self._failures if entry[0]() is not future]
 
     def report(self) -> str | None:
         """What to tell the user at exit, or None if every such failure was looked at."""
