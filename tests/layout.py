@@ -25,7 +25,9 @@ README = ROOT / "README.md"
 
 # A room is a folder of clusterexec/ or, for the top level, one module: a file's room says which
 # process runs it, and imports between rooms point one way.
-EVERY_ROOM = ("__init__", "__main__", "_version", "errors", "keys", "wire", "code", "node", "client", "launch", "cli")
+EVERY_ROOM = (
+    "__init__", "__main__", "_version", "errors", "keys", "wire", "code", "node", "client", "launch", "cli", "joblib"
+)
 
 
 def _may(*rooms: str) -> frozenset[str]:
@@ -51,6 +53,8 @@ ROOMS: dict[str, tuple[str, frozenset[str]]] = {
     ),
     "launch": ("the user's program, to start and name nodes", _may("wire", "keys", "errors", "_version", "launch")),
     "cli": ("the `clusterexec` command", _may(*EVERY_ROOM)),
+    # An integration: the user's program imports it to plug the executor into joblib.
+    "joblib": ("the user's program, through `import clusterexec.joblib`", _may("client", "errors", "joblib")),
 }
 # Only the ``python -m clusterexec`` entry point may import the command line.
 CLI_IMPORTERS = frozenset({"__main__", "cli"})

@@ -18,19 +18,20 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
+from clusterexec.client.lifetime import interpreter_exiting, stop_scheduler, track
 from clusterexec.client.link import NodeLink, SessionRequest
 from clusterexec.client.mapping import map_tasks
-from clusterexec.client.nodelinks import remote_links
 from clusterexec.client.options import DEFAULT_OPTIONS, UNSET, ExecutorView, TaskOptions, make_view
 from clusterexec.client.output import OutputPrinter, PrefixChoice, resolve_prefix
-from clusterexec.client.report import ClusterReport, ClusterStats, NodeReport, NodeStatus
+from clusterexec.client.report import ClusterReport, ClusterStats, NodeStatus
 from clusterexec.client.scheduler import Scheduler
-from clusterexec.client.tasks import UNSEEN, Task, TaskFuture
+from clusterexec.client.starting import allocation_links, is_slurm_start, remote_links
+from clusterexec.client.tasks import Task, TaskFuture
 from clusterexec.code.mainscript import prepare_worker
 from clusterexec.code.serialize import FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.code.shipping import ModuleCatalog, rerunning_main
-from clusterexec.code.versions import versions
 from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
+from clusterexec.keys import resolve_key
 from clusterexec.launch.local import LocalNode
 from clusterexec.launch.specs import (
     ALL_GROUP,
@@ -45,38 +46,6 @@ from clusterexec.wire.compression import check_codec
 from clusterexec.wire.messages import WORKERS_KILL, WORKERS_TERMINATE
 
 T = TypeVar("T")
-
-_live: weakref.WeakSet[Scheduler] = weakref.WeakSet()
-_global_shutdown = False
-_global_lock = threading.Lock()
-
-
-def _python_exit() -> None:
-    """At interpreter exit, let every executor finish its pending work, as PPE does."""
-    global _global_shutdown
-    with _global_lock:
-        _global_shutdown = True
-    schedulers = list(_live)
-    for scheduler in schedulers:
-        scheduler.stop()
-    for scheduler in schedulers:
-        scheduler.join()
-    unseen = UNSEEN.report()
-    if unseen is not None:
-        sys.stderr.write(unseen + "\n")
-
-
-try:
-    threading._register_atexit(_python_exit)  # type: ignore[attr-defined]
-except AttributeError:  # pragma: no cover - Python without the private hook
-    import atexit
-
-    atexit.register(_python_exit)
-
-
-def _stop_scheduler(scheduler: Scheduler) -> None:
-    scheduler.stop()
-
 
 class ClusterExecutor(Executor):
     """An Executor that runs calls on clusterexec worker nodes.
@@ -173,11 +142,16 @@ class ClusterExecutor(Executor):
                     local.address, local.key, request, self._max_workers, connect_timeout, compression=self._compression
                 )
             ]
+        elif is_slurm_start(nodes):
+            explicit_key = resolve_key(key, key_file) if key is not None or key_file is not None else None
+            args = (max_workers, request, connect_timeout, self._compression, self._closers)
+            links = allocation_links(explicit_key, *args)
+            self._max_workers = max_workers or 0
         else:
-            specs = resolve_nodes(nodes)
-            links = remote_links(
-                specs, key, key_file, max_workers, request, connect_timeout, self._compression, self._closers
-            )
+            resolved = resolve_nodes(nodes)
+            tcp_key = resolve_key(key, key_file) if any(isinstance(n, NodeAddress) for n in resolved) else None
+            args = (max_workers, request, connect_timeout, self._compression, self._closers)
+            links = remote_links(resolved, tcp_key, *args)
             for link in links:
                 if ssl_context is not None and not link.name.startswith("ssh://"):
                     link.tls = ssl_context
@@ -192,8 +166,10 @@ class ClusterExecutor(Executor):
             output=OutputPrinter(resolve_prefix(output_prefix, nodes is None)) if forward_output else None,
         )
         self._scheduler.start()
-        _live.add(self._scheduler)
-        self._finalizer = weakref.finalize(self, _stop_scheduler, self._scheduler)
+        track(self._scheduler)
+        self._finalizer = weakref.finalize(self, stop_scheduler, self._scheduler)
+        # What a node that joins later (a Slurm job's) is asked for.
+        self._request, self._connect_timeout = request, connect_timeout
         self._scheduler.first_round.wait(connect_timeout + 5.0)
         self._check_connected()
         if nodes is not None and not self._max_workers:
@@ -207,6 +183,42 @@ class ClusterExecutor(Executor):
         and ``LUMP:`` sections; ``__all__`` is every host), each on ``port``. Other keyword
         arguments are the constructor's."""
         return cls(resolve_nodes(read_cluster_file(path, group), port), **kwargs)
+
+    @classmethod
+    def from_slurm(
+        cls,
+        nodes: int = 1,
+        time: str | None = None,
+        partition: str | None = None,
+        *,
+        client_address: str | None = None,
+        python: str | None = None,
+        start_timeout: float | None = None,
+        **options: Any,
+    ) -> ClusterExecutor:
+        """An executor on the nodes of a Slurm job it submits (from a login node; see docs/nodes.md).
+
+        Submits one ``sbatch`` job of ``nodes`` hosts (``time`` and ``partition`` as sbatch's;
+        other keyword arguments are the constructor's when it has them, else sbatch options:
+        ``cpus_per_task=8`` is ``--cpus-per-task=8``). Blocks until the first node is ready
+        (at most ``start_timeout`` seconds; None waits as long as the job queues), then returns;
+        the other nodes join as they come up. The job calls back to ``client_address`` (default:
+        this host's name), with ``python`` (default: this interpreter) on the compute nodes.
+        Shutdown cancels the job, and so does this process dying. Raises ConfigurationError if
+        sbatch refuses the job, NodeUnreachableError if it ends or times out before a node is up.
+        """
+        from clusterexec.client.starting import from_slurm
+
+        return from_slurm(cls, nodes, time, partition, client_address, python, start_timeout, dict(options))
+
+    def _stop_with(self, close: Callable[[], None]) -> None:
+        """Have shutdown call ``close`` after the links are closed (a Slurm job's cancel)."""
+        self._closers.append(close)  # the scheduler's own list
+
+    def _add_node(self, address: NodeAddress, key: bytes) -> None:
+        """Add a node that came up after construction (a Slurm job's). Thread-safe."""
+        link = NodeLink(address, key, self._request, None, self._connect_timeout, compression=self._compression)
+        self._scheduler.add_link(link)
 
     def _check_connected(self) -> None:
         outcome = self._scheduler.first_outcome
@@ -253,7 +265,7 @@ class ClusterExecutor(Executor):
             raise BrokenCluster(str(broken))
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
-        if _global_shutdown:
+        if interpreter_exiting():
             raise RuntimeError("cannot schedule new futures after interpreter shutdown")
 
     def _queue(
@@ -382,27 +394,10 @@ class ClusterExecutor(Executor):
         return self._scheduler.stats()
 
     def check(self, timeout: float = 5.0) -> ClusterReport:
-        """Ask every node for a health report (in parallel, at most ``timeout`` seconds).
-
-        A node that is not connected, or does not answer in time, is reported down with why.
-        Each report gives the node's Python version and, in ``packages``, every installed package
-        the tasks so far referred to by name whose version differs there from here.
-        """
-        results: dict[str, NodeReport] = {}
-        links = self._scheduler.links
-        names = sorted(self._catalog.packages)
-        here = versions(names)
-
-        def ask(link: NodeLink) -> None:
-            info = self._scheduler.node_status(link, timeout, names)
-            results[link.name] = link.health(info, here)
-
-        threads = [threading.Thread(target=ask, args=(link,), daemon=True) for link in links]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout + 1.0)
-        return ClusterReport([results.get(link.name) or link.health(None) for link in links])
+        """Every node's health report, asked in parallel (at most ``timeout`` seconds): a node
+        not connected or silent is down, with why; ``packages`` lists the packages the tasks so
+        far referred to by name whose version differs on the node from here."""
+        return self._scheduler.check(timeout, sorted(self._catalog.packages))
 
     @property
     def _broken(self) -> str | bool:
@@ -428,14 +423,10 @@ class ClusterExecutor(Executor):
     def terminate_workers(self) -> None:
         """Shut down at once and send SIGTERM to every worker process of this executor, on every node.
 
-        As ``ProcessPoolExecutor.terminate_workers()`` (Python 3.14): it does what
-        ``shutdown(wait=False, cancel_futures=True)`` does, then signals the workers. Tasks that
-        had not started are cancelled; each running task fails with
-        :class:`~clusterexec.WorkerStoppedError` (a ``BrokenProcessPool``), unless it finished
-        first. A worker still alive 2 s after SIGTERM is killed by its node. The nodes stay up
-        and go on serving their other clients. Returns at once; the program can exit at once
-        (at most a few seconds for the nodes' reports). ``submit`` raises RuntimeError afterwards;
-        ``shutdown()`` is harmless. Thread-safe.
+        As ``ProcessPoolExecutor.terminate_workers()`` (Python 3.14): ``shutdown(wait=False,
+        cancel_futures=True)``, then the signal. Each running task fails with
+        :class:`~clusterexec.WorkerStoppedError` unless it finished first; a worker alive 2 s
+        after SIGTERM is killed. The nodes go on serving others. Returns at once; thread-safe.
         """
         self._stop_workers(WORKERS_TERMINATE)
 

@@ -33,11 +33,12 @@ from clusterexec.client.ledger import NodeLedger
 from clusterexec.client.link import LinkState, NodeLink
 from clusterexec.client.mailbox import Mailbox
 from clusterexec.client.output import OutputPrinter
-from clusterexec.client.report import ClusterStats, NodeStats, NodeStatus
+from clusterexec.client.report import ClusterReport, ClusterStats, NodeStats, NodeStatus
 from clusterexec.client.taskbook import TaskBook
 from clusterexec.client.tasks import Reply, Task, TaskFuture, task_to_cancel
 from clusterexec.client.watch import LinkWatch
 from clusterexec.code.shipping import ModuleSource
+from clusterexec.code.versions import versions
 from clusterexec.errors import BrokenCluster, ClusterError, NodeLostError, ProtocolError
 from clusterexec.wire.frames import Message
 from clusterexec.wire.messages import (
@@ -69,7 +70,7 @@ class Scheduler:
         retries: int,
         heartbeat_timeout: float,
         reconnect_window: float,
-        closers: Iterable[Callable[[], None]] = (),
+        closers: list[Callable[[], None]] | None = None,
         preload: tuple[ModuleSource, ...] = (),
         output: OutputPrinter | None = None,
     ) -> None:
@@ -82,7 +83,8 @@ class Scheduler:
         self.output = output
         self.heartbeat_timeout = heartbeat_timeout
         self.reconnect_window = reconnect_window
-        self._closers = list(closers)
+        # Kept, not copied: the executor appends what stops nodes that join later (a Slurm job).
+        self._closers = closers if closers is not None else []
         self._ids = itertools.count(1)
         self._new: deque[Task] = deque()
         self._poller = Poller()
@@ -160,14 +162,28 @@ class Scheduler:
         close that link: the node always hears it."""
         self._mailbox.call_soon(self._stop_workers, how)
 
-    def node_status(self, link: NodeLink, timeout: float, packages: list[str] | None = None) -> dict[str, Any] | None:
-        """Ask a node for its health report (with its versions of ``packages``); None if it is
-        not connected or does not answer. Thread-safe; blocks up to ``timeout``."""
-        reply = Reply()
-        reply.value = None
-        self._mailbox.call_soon(self._ask_status, link, reply, packages)
-        reply.event.wait(timeout)
-        return reply.value
+    def add_link(self, link: NodeLink) -> None:
+        """Add a node to the running executor (a Slurm node that came up after the first).
+        Thread-safe; the I/O thread connects it and gives it tasks once it is ready."""
+        self._mailbox.call_soon(self._add_link, link)
+
+    def check(self, timeout: float, packages: list[str]) -> ClusterReport:
+        """Every node's health report, with the ``packages`` whose version differs there; all
+        nodes are asked at once, and one that has not answered within ``timeout`` seconds is
+        reported down. Thread-safe; blocks up to ``timeout``."""
+        here = versions(packages)
+        asked = []
+        for link in list(self.links):
+            reply = Reply()
+            reply.value = None
+            self._mailbox.call_soon(self._ask_status, link, reply, packages)
+            asked.append((link, reply))
+        deadline = time.monotonic() + timeout
+        reports = []
+        for link, reply in asked:
+            reply.event.wait(max(0.0, deadline - time.monotonic()))
+            reports.append(link.health(reply.value, here))
+        return ClusterReport(reports)
 
     def stop(self) -> None:
         """Ask the I/O thread to finish the tasks it has, then close. Thread-safe."""
@@ -218,8 +234,8 @@ class Scheduler:
                 self._timers_due = now + self._timers(now)
                 self._flush(every=True)  # anything a path forgot to mark for writing
                 self._note_first_round()
-                if self._all_lost_for(self.reconnect_window, now) and (book.tasks or self._stop):
-                    self._break(BrokenCluster(self._lost_summary()))
+                if all_lost_for(self.links, self.reconnect_window, now) and (book.tasks or self._stop):
+                    self._break(BrokenCluster(lost_summary(self.links)))
                     if self._stop:
                         return
             for _fd, events, link in self._poller.select(max(0.0, self._timers_due - now)):
@@ -266,6 +282,15 @@ class Scheduler:
         # shutdown: idle workers get their tasks first (those run), then the rest is cancelled.
         self._dispatcher.dispatch(prefetch=False)
         self._book.cancel(list(self._book.tasks.values()), None)
+
+    def _add_link(self, link: NodeLink) -> None:
+        if not self._stop and self.broken is None:  # the book and the dispatcher share these containers
+            self._ledgers[link] = ledger = NodeLedger()
+            self.links.append(link)
+            self._nodes.append((link, ledger))
+            self._connect(link, ledger, time.monotonic())
+            self._sync(link)
+            self._timers_due = 0.0
 
     def _stop_after_tasks(self) -> None:
         self._stop = True
@@ -403,16 +428,6 @@ class Scheduler:
 
     # ------------------------------------------------------------------ faults
 
-    def _all_lost_for(self, window: float, now: float) -> bool:
-        return all(
-            link.state is not LinkState.READY and link.down_since and now - link.down_since >= window
-            for link in self.links
-        )
-
-    def _lost_summary(self) -> str:
-        lines = [f"  {link.name}: {link.loss_reason or link.error}" for link in self.links]
-        return "every node of the cluster is lost; no task can run:\n" + "\n".join(lines)
-
     def _break(self, error: BrokenCluster) -> None:
         if self.broken is None:
             self.broken = error
@@ -444,6 +459,19 @@ class Scheduler:
         self._poller.close()
         self._mailbox.close()
         self.first_round.set()
+
+
+def all_lost_for(links: list[NodeLink], window: float, now: float) -> bool:
+    """Whether every link has been down for at least ``window`` seconds."""
+    return all(
+        link.state is not LinkState.READY and link.down_since and now - link.down_since >= window for link in links
+    )
+
+
+def lost_summary(links: list[NodeLink]) -> str:
+    """Why the cluster is broken: every node and why it was lost."""
+    lines = [f"  {link.name}: {link.loss_reason or link.error}" for link in links]
+    return "every node of the cluster is lost; no task can run:\n" + "\n".join(lines)
 
 
 def _readable(sock: socket.socket | None) -> bool:

@@ -161,7 +161,9 @@ class TaskBook:
         :meth:`complete`."""
         if exception is not None and task.link is not None:
             self.ledgers[task.link].note_failure()
-        if isinstance(exception, ClusterError) and not isinstance(exception, RemoteError):  # not the task's own
+        # Not the task's own error, and someone may still want the outcome (not a cancelled future).
+        ours = isinstance(exception, ClusterError) and not isinstance(exception, RemoteError)
+        if ours and exception is not None and not task.future.cancelled():
             UNSEEN.note(task.future, task.task_id, exception)
         self.drop(task)
         future = task.future

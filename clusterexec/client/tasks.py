@@ -202,6 +202,12 @@ class UnseenFailures:
             else:
                 self._more += 1
 
+    def forget(self, future: TaskFuture) -> None:
+        """``future``'s failure was looked at: no report for it, even once it is collected."""
+        if self._failures:  # read without the lock: a failure noted a moment ago is found next time
+            with self._lock:
+                self._failures = [entry for entry in self._failures if entry[0]() is not future]
+
     def report(self) -> str | None:
         """What to tell the user at exit, or None if every such failure was looked at."""
         with self._lock:

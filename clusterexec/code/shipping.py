@@ -274,6 +274,12 @@ def _referenced_user_modules(top: types.ModuleType, own: Sequence[ModuleSource])
 
 def resolve_main(qualname: str) -> Any:
     """Find a function or class of the re-run main script on a worker, by qualified name."""
+    current = sys.modules.get(MAIN_NAME)
+    if current is not None and not isinstance(getattr(current, "__loader__", None), ShippedModules):
+        # Importing multiprocessing (dask does, say, while the task's function is unpickled)
+        # aliases __mp_main__ to the worker's own __main__ again, after the script arrived.
+        if any(isinstance(f, ShippedModules) and MAIN_NAME in f.sources for f in sys.meta_path):
+            del sys.modules[MAIN_NAME]
     obj: Any = importlib.import_module(MAIN_NAME)
     for part in qualname.split("."):
         obj = getattr(obj, part)

@@ -49,6 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="TLS certificate (PEM) for the node: clients must connect with TLS")
     parser.add_argument("--tls-key", help="private key (PEM) of --tls-cert (default: in the certificate file)")
     parser.add_argument("--tls-ca", help="CA bundle (PEM): require client certificates signed by it")
+    parser.add_argument(
+        "--key-stdin",
+        action="store_true",
+        help="read the key from the first line of stdin (keeps it off the command line and out of files)",
+    )
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -62,12 +67,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def read_key_line(fd: int) -> bytes:
+    """The first line of ``fd``, read a byte at a time so that nothing after it is consumed (with
+    ``--exit-with-stdin`` the rest of stdin is the lifeline). Raises ClusterError at end of file."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            if line:
+                break
+            raise ClusterError("--key-stdin: stdin ended before a key line arrived; write the key and a newline")
+        line += byte
+    return bytes(line)
+
+
 def run(args: argparse.Namespace) -> int:
     """Start a node from parsed arguments; return the exit status."""
     level = "ERROR" if args.quiet else args.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        key = resolve_key(key_file=args.key_file)
+        if args.key_stdin:
+            if args.key_file:
+                raise ClusterError("pass either --key-file or --key-stdin, not both")
+            key = resolve_key(key=read_key_line(sys.stdin.fileno()))
+        else:
+            key = resolve_key(key_file=args.key_file)
     except ClusterError as exc:
         print(f"clusterexec node: {exc}", file=sys.stderr)
         return EXIT_USAGE
