@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from clusterexec.client.link import NodeLink, SessionRequest
+from clusterexec.client.link import NodeLink, SessionRequest, no_node_error
 from clusterexec.client.mapping import map_tasks
 from clusterexec.client.output import OutputPrinter, PrefixChoice, resolve_prefix
 from clusterexec.client.report import ClusterReport, ClusterStats, NodeReport, NodeStatus
@@ -27,7 +27,7 @@ from clusterexec.client.tasks import UNSEEN, Task, TaskFuture
 from clusterexec.code.mainscript import prepare_worker
 from clusterexec.code.serialize import FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.code.shipping import ModuleCatalog, rerunning_main
-from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
+from clusterexec.errors import BrokenCluster, ConfigurationError
 from clusterexec.keys import resolve_key
 from clusterexec.launch.local import LocalNode
 from clusterexec.launch.specs import (
@@ -263,13 +263,7 @@ class ClusterExecutor(Executor):
             return
         errors = [error for _, error in outcome if error is not None]
         self.shutdown(wait=True)
-        auth = [e for e in errors if isinstance(e, AuthenticationError)]
-        if auth:
-            raise auth[0]
-        if len(errors) == 1 and isinstance(errors[0], Exception):
-            raise errors[0]
-        lines = "\n".join(f"  {e}" for e in errors) or "  (no node answered in time)"
-        raise NodeUnreachableError(f"no clusterexec node could be used:\n{lines}")
+        raise no_node_error(errors)
 
     # ------------------------------------------------------------------ submitting
 

@@ -108,6 +108,7 @@ class Scheduler:
             Kind.OUTPUT: self._on_output,
             Kind.STATUS_REPLY: self._on_status_reply,
             Kind.HEARTBEAT: self._on_heartbeat,
+            Kind.SHARE: self._on_share,
         }
 
     # ------------------------------------------------------------------ user threads
@@ -367,6 +368,13 @@ class Scheduler:
 
     def _on_heartbeat(self, link: NodeLink, ledger: NodeLedger, message: Message) -> None:
         pass  # the link noted when it last heard from the node
+
+    def _on_share(self, link: NodeLink, ledger: NodeLedger, message: Message) -> None:
+        share = unpack_json(message.body).get("share")
+        if not isinstance(share, int) or isinstance(share, bool):
+            raise ProtocolError(f"SHARE message without a share: {bytes(message.body)[:80]!r}")
+        link.set_share(share)  # other clients came or went: fill the node to the new share
+        self._dispatcher.touch(link, ledger)
 
     # ------------------------------------------------------------------ stopping the workers
 
