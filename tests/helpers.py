@@ -195,3 +195,10 @@ def gate_first(release: str, x: int) -> int:
     if x == 0:
         wait_for_file(release, timeout=60.0)
     return x
+
+
+def timed_nap(seconds: float) -> tuple[float, float, int]:
+    """Sleep ``seconds``; return when the task started and ended (time.time()) and the worker's pid."""
+    started = time.time()
+    time.sleep(seconds)
+    return started, time.time(), os.getpid()
