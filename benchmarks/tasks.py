@@ -47,3 +47,11 @@ def nap(seconds: float) -> float:
     workers on a small machine can all be busy at once."""
     time.sleep(seconds)
     return seconds
+
+
+def spin_span(iterations: int) -> tuple[float, float]:
+    """Run :func:`spin`; return when it started and ended (``time.time()``, comparable across
+    the processes of one machine), so that a benchmark can tell what ran when."""
+    started = time.time()
+    spin(iterations)
+    return started, time.time()

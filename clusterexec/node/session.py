@@ -199,7 +199,7 @@ class Session:
         self.node.timer_at(self.next_heartbeat)
         codec = f", {request.compression} compression" if request.compression else ""
         capacity = self.node.slots.capacity
-        log.info("session from %s started with %d workers (its share of %d)%s", self.peer, self.share, capacity, codec)
+        log.info("session from %s started with %d workers%s (its share of %d)", self.peer, self.share, codec, capacity)
 
     def announce_share(self, share: int) -> None:
         """The node's run slots set this session's share: tell the client if it changed."""
