@@ -163,7 +163,9 @@ class Node(NodeHost):
 
     def grant_slots(self) -> None:
         """Give the free run slots to the sessions with queued work."""
-        self.slots.grant(time.monotonic())
+        slots = self.slots
+        if slots.in_use < slots.capacity:  # per result of a busy node: no clock read for nothing
+            slots.grant(time.monotonic())
 
     def process_room(self) -> int:
         """How many more worker processes the process bound allows now."""

@@ -157,6 +157,8 @@ class RunSlots:
     def must_yield(self, user: SlotUser) -> bool:
         """True if ``user`` should let its workers' pipelines drain so that their slots free:
         another session waits for a slot with none at all, or with two fewer than ``user`` holds."""
+        if len(self.users) == 1:
+            return False  # alone on the node
         held = user.held
         for other in self.users:
             if other is not user and (other.held == 0 or other.held + 1 < held) and other.wants_slot():
