@@ -49,6 +49,7 @@ class WorkerProcess:
     assigned: int = 0
     busy_since: float = 0.0
     idle_since: float = 0.0  # when it last became idle (started, or ended its last task)
+    holds_slot: bool = False  # it counts against the node's run slots (see node/slots.py)
     short: bool = False
     kill_deadline: float = 0.0
     output: list[int] = field(default_factory=list)

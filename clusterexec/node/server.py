@@ -314,9 +314,9 @@ class Node(NodeHost):
         for session in self.sessions.values():
             backlog = session.channel.backlog
             if not session.paused and backlog > BACKLOG_HIGH:
-                session.paused = True
+                session.pause(True)
             elif session.paused and backlog < BACKLOG_LOW:
-                session.paused = False
+                session.pause(False)
             else:
                 continue
             for process in session.workers:
@@ -325,6 +325,7 @@ class Node(NodeHost):
                     self._update_events(fd)
                 # Output pipes too: a worker printing without end blocks on its full pipe.
                 self.worker_io.watch_output(session, process, on=not session.paused)
+            self.grant_slots()  # the slots a paused session gave up go to the others
 
     def _set_write_interest(self, fd: int, want: bool) -> None:
         if want == (fd in self.write_interest):

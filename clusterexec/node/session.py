@@ -255,7 +255,7 @@ class Session:
 
     def wants_slot(self) -> bool:
         """True if a queued task could start with one more run slot."""
-        return bool(self.queue) and self.held < self.cap and self.state is SessionState.ACTIVE
+        return bool(self.queue) and self.held < self.cap and self.state is SessionState.ACTIVE and not self.paused
 
     def take_slot(self, now: float) -> bool:
         """Start the next queued task on an idle worker, or on a new one if the node's process
@@ -292,8 +292,28 @@ class Session:
 
     def _give(self, worker: WorkerProcess, message: Message) -> None:
         if not worker.outstanding:
-            self.node.slots.hold(self)  # released when its last task ends, or it dies
+            self._hold(worker)  # released when its last task ends, or it dies
         self.started[self.pool.give(worker, message)] = None
+
+    def _hold(self, worker: WorkerProcess) -> None:
+        worker.holds_slot = True
+        self.node.slots.hold(self)
+
+    def _release(self, worker: WorkerProcess, now: float) -> None:
+        if worker.holds_slot:
+            worker.holds_slot = False
+            self.node.slots.release(self, now)
+
+    def pause(self, paused: bool) -> None:
+        """Back-pressure: while its client does not read, its workers give up their run slots
+        (nothing new starts for it) and take them again once it catches up: it stops no one."""
+        self.paused = paused
+        now = time.monotonic()
+        for worker in self.workers:
+            if paused:
+                self._release(worker, now)
+            elif worker.outstanding and not worker.holds_slot:
+                self._hold(worker)
 
     # ------------------------------------------------------------------ worker side
 
@@ -341,7 +361,7 @@ class Session:
         worker.busy_since = now
         if not outstanding:
             worker.idle_since = self.last_busy = now
-            self.node.slots.release(self, now)
+            self._release(worker, now)
         self.tasks_done += 1
         if status != STATUS_OK:  # the status byte is the node's to read; the payload is not
             self.tasks_failed += 1
@@ -364,8 +384,7 @@ class Session:
         worker.state = WorkerState.DEAD
         if worker in self.workers:
             self.workers.remove(worker)
-            if worker.outstanding:
-                self.node.slots.release(self, time.monotonic())
+            self._release(worker, time.monotonic())
         if signalled and self.state is SessionState.HALTED:
             for kind, body in signalled_reports(worker, status, maxrss_kb, self.stopped_by):
                 self._to_client(kind, body)
@@ -428,11 +447,9 @@ class Session:
 
     def stop_workers(self) -> None:
         """Kill every worker of this session (SIGTERM now, SIGKILL after a grace period)."""
-        if self.held:
-            now = time.monotonic()
-            for worker in self.workers:
-                if worker.outstanding:
-                    self.node.slots.release(self, now)
+        now = time.monotonic()
+        for worker in self.workers:
+            self._release(worker, now)
         self.pool.kill_all()
 
     def close(self, reason: str) -> None:
