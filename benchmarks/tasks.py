@@ -53,3 +53,11 @@ def size_plus(captured: Any, x: int) -> int:
     """``len(captured) + x``: a task bound to a large capture (``partial(size_plus, state)``)
     whose own work costs nothing, so the cost is serving the capture to each task."""
     return len(captured) + x
+
+
+def spin_span(iterations: int) -> tuple[float, float]:
+    """Run :func:`spin`; return when it started and ended (``time.time()``, comparable across
+    the processes of one machine), so that a benchmark can tell what ran when."""
+    started = time.time()
+    spin(iterations)
+    return started, time.time()

@@ -38,6 +38,14 @@ class NodeUnreachableError(ClusterError, ConnectionError):
     """A node could not be reached (refused, timed out, name not resolved)."""
 
 
+class NodeFullError(NodeUnreachableError):
+    """A node refused a new session: it already serves as many clients as its operator allows
+    (``--max-sessions``). The message names the node.
+
+    An executor with other nodes goes on without it and retries it later (as a lost node); with
+    no other node, the constructor raises this error."""
+
+
 class NodeLostError(ClusterError):
     """A task's node was lost (connection closed or heartbeats stopped) too many times."""
 

@@ -258,3 +258,10 @@ def fill_box(box: ItemBox, x: int) -> int:
     """Append ``x`` to ``box.items`` and return how many it holds."""
     box.items.append(x)
     return len(box.items)
+
+
+def timed_nap(seconds: float) -> tuple[float, float, int]:
+    """Sleep ``seconds``; return when the task started and ended (time.time()) and the worker's pid."""
+    started = time.time()
+    time.sleep(seconds)
+    return started, time.time(), os.getpid()

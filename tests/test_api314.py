@@ -73,7 +73,9 @@ def test_terminate_workers_fails_running_tasks_cancels_the_rest_and_spares_the_n
 
     second = ClusterExecutor([node.address], key_file=key_file)
     try:
-        assert second.submit(helpers.square, 6).result(timeout=30) == 36
+        # The first client's tasks hold both of the node's run slots: the second's task waits
+        # for one, and gets it once the first's workers are stopped.
+        waiting = second.submit(helpers.square, 6)
         assert first.terminate_workers() is None
 
         done, not_done = wait(running + queued, timeout=30)
@@ -97,6 +99,7 @@ def test_terminate_workers_fails_running_tasks_cancels_the_rest_and_spares_the_n
 
         # The node is up and its other client is served as before, by workers it did not touch.
         assert node.process.poll() is None
+        assert waiting.result(timeout=30) == 36
         assert second.submit(helpers.square, 7).result(timeout=30) == 49
         assert list(second.map(helpers.square, range(5))) == [0, 1, 4, 9, 16]
         assert not (worker_pids(node) & first_pids)

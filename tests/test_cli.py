@@ -157,11 +157,12 @@ def test_status_prints_a_row_per_node_and_exits_1_if_one_is_down(
     done = cli("status", node.address, nodeset, f"127.0.0.1:{dead}", "-k", str(key_file))
     assert done.returncode == 1, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["NODE", "STATE", "WORKERS", "BUSY", "TASKS", "PYTHON", "CLUSTEREXEC", "UPTIME"]
+    header = ["NODE", "STATE", "WORKERS", "BUSY", "SESSIONS", "PROCS", "TASKS", "PYTHON", "CLUSTEREXEC", "UPTIME"]
+    assert lines[0].split() == header
     up = lines[1].split()
-    assert up[:5] == [node.address, "up", "2", "0", "0"]
-    assert up[5] == ".".join(map(str, sys.version_info[:3]))
-    assert up[6] == "0.1.0" and up[7].endswith("s")
+    assert up[:7] == [node.address, "up", "2", "0", "0", "0", "0"]
+    assert up[7] == ".".join(map(str, sys.version_info[:3]))
+    assert up[8] == "0.1.0" and up[9].endswith("s")
     assert lines[2].split()[:3] == [f"127.0.0.2:{pair[0].port}", "up", "1"]
     assert lines[3].split()[:3] == [f"127.0.0.3:{pair[0].port}", "up", "1"]
     assert lines[4].split()[:2] == [f"127.0.0.1:{dead}", "down"] and "refused" in lines[4]

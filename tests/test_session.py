@@ -20,6 +20,7 @@ import pytest
 from clusterexec.errors import ProtocolError
 from clusterexec.node.host import NodeHost, WorkerProcess
 from clusterexec.node.session import Session, SessionState
+from clusterexec.node.slots import RunSlots
 from clusterexec.wire.channel import BlockingChannel, Channel, ConnectionClosed
 from clusterexec.wire.frames import Message
 from clusterexec.wire.messages import (
@@ -52,7 +53,8 @@ class FakeHost(NodeHost):
     """A NodeHost that forks nothing: it records what the session asks and keeps the far end of
     every worker's socketpair, so a test reads what the session sent to each worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int = 2) -> None:
+        self.slots = RunSlots(capacity)
         self.next_pid = 4000
         self.forked: list[tuple[int, str | None]] = []
         self.worker_ends: dict[int, socket.socket] = {}
@@ -64,6 +66,18 @@ class FakeHost(NodeHost):
 
     def status(self, packages: list[object] | None = None) -> dict[str, object]:
         return {"host": "fake", "tasks_run": self.tasks_run}
+
+    def grant_slots(self) -> None:
+        self.slots.grant(0.0)
+
+    def process_room(self) -> int:
+        return 8
+
+    def make_room(self, session: Session) -> bool:
+        return True
+
+    def refusal(self) -> dict[str, object] | None:
+        return None
 
     def describe(self) -> dict[str, object]:
         return {"host": "fake"}
@@ -169,20 +183,22 @@ def test_a_task_goes_to_an_idle_worker_with_its_function_first(harness: Harness)
     harness.open()
     harness.from_client(FUNC, DIGEST + b"pickled function")
     harness.from_client(TASK, task(7))
-    first, second = harness.session.workers
+    (first,) = [w for w in harness.session.workers if w.outstanding]  # one worker took it
+    (second,) = [w for w in harness.session.workers if w is not first]
     sent = harness.to_worker(first)
     assert [m.kind for m in sent] == [FUNC, TASK]
     assert bytes(sent[1].body) == task(7)
     assert harness.to_worker(second) == []
     assert [task_id for task_id, _ in first.outstanding] == [7]
     assert first.channel in harness.host.flushes
+    assert harness.host.slots.in_use == harness.session.held == 1  # its worker holds a run slot
 
 
 def test_a_result_from_a_worker_is_forwarded_and_counted(harness: Harness) -> None:
     harness.open()
     harness.from_client(FUNC, DIGEST + b"f")
     harness.from_client(TASK, task(7))
-    worker = harness.session.workers[0]
+    (worker,) = [w for w in harness.session.workers if w.outstanding]
     harness.to_client()
     result = RESULT_HEAD.pack(7, STATUS_OK, 0) + b"pickled value"
     harness.session.on_worker_messages(worker, [Message(RESULT, result)])
@@ -190,6 +206,7 @@ def test_a_result_from_a_worker_is_forwarded_and_counted(harness: Harness) -> No
     assert (forwarded.kind, bytes(forwarded.body)) == (RESULT, result)
     assert (harness.session.tasks_done, harness.host.tasks_run) == (1, 1)
     assert not worker.outstanding
+    assert harness.host.slots.in_use == harness.session.held == 0  # its slot is free again
 
 
 def test_cancel_of_a_queued_task_answers_cancelled(harness: Harness) -> None:

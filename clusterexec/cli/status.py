@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from clusterexec.client.report import ClusterReport, NodeReport
 from clusterexec.code.versions import describe_differences
 
-STATUS_COLUMNS = ("NODE", "STATE", "WORKERS", "BUSY", "TASKS", "PYTHON", "CLUSTEREXEC", "UPTIME")
-NUMERIC = {"WORKERS", "BUSY", "TASKS"}
+STATUS_COLUMNS = ("NODE", "STATE", "WORKERS", "BUSY", "SESSIONS", "PROCS", "TASKS", "PYTHON", "CLUSTEREXEC", "UPTIME")
+NUMERIC = {"WORKERS", "BUSY", "SESSIONS", "PROCS", "TASKS"}
 
 
 
@@ -35,16 +35,25 @@ def print_status(report: ClusterReport, as_json: bool, watching: float | None = 
 
 
 def format_status_table(reports: Sequence[NodeReport]) -> str:
-    """The ``status`` table: one row per node, a down node's reason in place of its numbers."""
+    """The ``status`` table: one row per node, a down node's reason in place of its numbers,
+    and under a node one line per client session: its share, queued and running tasks."""
     rows: list[tuple[str, ...]] = [STATUS_COLUMNS]
+    below: dict[int, list[str]] = {}  # row index -> the session lines under it
     for entry in reports:
         if entry.up:
+            below[len(rows)] = [
+                f"  session {session.peer}: share {session.share}, {session.queued} queued, "
+                f"{session.running} running, {session.processes} processes"
+                for session in entry.sessions
+            ]
             rows.append(
                 (
                     entry.address,
                     "up",
                     str(entry.workers),
                     str(entry.busy),
+                    str(len(entry.sessions)),
+                    str(entry.processes),
                     str(entry.tasks_run),
                     entry.python,
                     entry.clusterexec,
@@ -53,9 +62,10 @@ def format_status_table(reports: Sequence[NodeReport]) -> str:
             )
         else:
             rows.append((entry.address, "down", entry.reason))
-    widths = [max(len(row[i]) for row in rows if len(row) == len(STATUS_COLUMNS) or i < 2) for i in range(8)]
+    columns = len(STATUS_COLUMNS)
+    widths = [max(len(row[i]) for row in rows if len(row) == columns or i < 2) for i in range(columns)]
     lines = []
-    for row in rows:
+    for index, row in enumerate(rows):
         if len(row) < len(STATUS_COLUMNS):
             cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2]]
         else:
@@ -64,6 +74,7 @@ def format_status_table(reports: Sequence[NodeReport]) -> str:
                 for name, cell, width in zip(STATUS_COLUMNS, row, widths, strict=True)
             ]
         lines.append("  ".join(cells).rstrip())
+        lines.extend(below.get(index, ()))
     return "\n".join(lines)
 
 

@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
+from clusterexec.client.health import check_nodes
 from clusterexec.client.lifetime import interpreter_exiting, stop_scheduler, track
-from clusterexec.client.link import NodeLink, SessionRequest
+from clusterexec.client.link import NodeLink, SessionRequest, no_node_error
 from clusterexec.client.mapping import map_tasks
 from clusterexec.client.options import DEFAULT_OPTIONS, UNSET, ExecutorView, TaskOptions, make_view
 from clusterexec.client.output import OutputPrinter, PrefixChoice, resolve_prefix
@@ -30,7 +31,7 @@ from clusterexec.client.tasks import Task, TaskFuture
 from clusterexec.code.mainscript import prepare_worker
 from clusterexec.code.serialize import FunctionPayload, Payload, dumps, dumps_call, pickle_function
 from clusterexec.code.shipping import ModuleCatalog, rerunning_main
-from clusterexec.errors import AuthenticationError, BrokenCluster, ConfigurationError, NodeUnreachableError
+from clusterexec.errors import BrokenCluster, ConfigurationError
 from clusterexec.keys import resolve_key
 from clusterexec.launch.local import LocalNode
 from clusterexec.launch.specs import (
@@ -226,13 +227,7 @@ class ClusterExecutor(Executor):
             return
         errors = [error for _, error in outcome if error is not None]
         self.shutdown(wait=True)
-        auth = [e for e in errors if isinstance(e, AuthenticationError)]
-        if auth:
-            raise auth[0]
-        if len(errors) == 1 and isinstance(errors[0], Exception):
-            raise errors[0]
-        lines = "\n".join(f"  {e}" for e in errors) or "  (no node answered in time)"
-        raise NodeUnreachableError(f"no clusterexec node could be used:\n{lines}")
+        raise no_node_error(errors)
 
     # ------------------------------------------------------------------ submitting
 
@@ -397,7 +392,7 @@ class ClusterExecutor(Executor):
         """Every node's health report, asked in parallel (at most ``timeout`` seconds): a node
         not connected or silent is down, with why; ``packages`` lists the packages the tasks so
         far referred to by name whose version differs on the node from here."""
-        return self._scheduler.check(timeout, sorted(self._catalog.packages))
+        return check_nodes(self._scheduler, timeout, sorted(self._catalog.packages))
 
     @property
     def _broken(self) -> str | bool:

@@ -17,6 +17,7 @@ import selectors
 import socket
 import ssl
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import cloudpickle
@@ -26,6 +27,7 @@ from clusterexec.client.report import NodeReport, NodeStatus, report_from_status
 from clusterexec.errors import (
     AuthenticationError,
     ClusterError,
+    NodeFullError,
     NodeUnreachableError,
     ProtocolError,
     VersionMismatchError,
@@ -34,7 +36,7 @@ from clusterexec.launch.specs import NodeAddress
 from clusterexec.wire.channel import Channel, ConnectionClosed
 from clusterexec.wire.frames import DEFAULT_MAX_FRAME, Message
 from clusterexec.wire.handshake import ClientHandshake, RecordReader
-from clusterexec.wire.messages import PING, SESSION, WELCOME, pack_json, unpack_json
+from clusterexec.wire.messages import PING, REFUSED, SESSION, WELCOME, pack_json, unpack_json
 
 log = logging.getLogger("clusterexec")
 
@@ -302,6 +304,9 @@ class NodeLink:
 
     def _on_opening(self, messages: list[Message]) -> list[Message]:
         for i, message in enumerate(messages):
+            if message.kind == REFUSED:
+                self._fail(self._refused(unpack_json(message.body)))
+                return []
             if message.kind == WELCOME:
                 welcome = unpack_json(message.body)
                 self.info.update(welcome)
@@ -316,6 +321,21 @@ class NodeLink:
                 self._set_state(LinkState.READY)
                 return messages[i + 1 :]
         return []
+
+    def _refused(self, refusal: dict[str, object]) -> ClusterError:
+        if refusal.get("reason") != "full":
+            return ProtocolError(f"node {self.name} refused the session: {refusal.get('message', refusal)}")
+        count, limit = refusal.get("sessions"), refusal.get("max_sessions")
+        return NodeFullError(
+            f"node {self.name} is full: it already serves {count} clients, the most its operator allows "
+            f"(--max-sessions {limit}); the executor retries it later and meanwhile uses its other nodes, "
+            "if it has any. Try again later, use other nodes, or ask the operator for a higher --max-sessions"
+        )
+
+    def set_share(self, share: int) -> None:
+        """The node's SHARE message: this client's share of its run slots is now ``share``
+        workers (what the scheduler fills the node to, and prefetches for)."""
+        self.workers = max(1, share)
 
     # ------------------------------------------------------------------ what it is
 
@@ -400,3 +420,18 @@ class NodeLink:
         """Close the link for good (executor shutdown)."""
         self._close_socket()
         self._set_state(LinkState.CLOSED)
+
+
+def no_node_error(errors: Iterable[Exception]) -> Exception:
+    """The error an executor raises when none of its links got ready: a wrong key first, then
+    the one node's own error, then every node full, else a list of what each node did."""
+    errors = list(errors)
+    auth = [e for e in errors if isinstance(e, AuthenticationError)]
+    if auth:
+        return auth[0]
+    if len(errors) == 1:
+        return errors[0]
+    if errors and all(isinstance(e, NodeFullError) for e in errors):
+        return NodeFullError("every node is full, so no task can run:\n" + "\n".join(f"  {e}" for e in errors))
+    lines = "\n".join(f"  {e}" for e in errors) or "  (no node answered in time)"
+    return NodeUnreachableError(f"no clusterexec node could be used:\n{lines}")

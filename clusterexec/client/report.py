@@ -54,11 +54,24 @@ class ClusterStats:
 
 
 @dataclass(frozen=True)
-class NodeReport:
-    """A health check of one node: up or down and why, and what the node says of itself.
+class SessionReport:
+    """One client session on a node: the client's address, its share of the node's run slots,
+    its tasks queued on the node and running there, and its worker processes."""
 
-    ``python`` is the node's Python version; ``packages`` names each package the client's
-    tasks referred to whose version differs on the node: ``{name: (here, there)}``."""
+    peer: str
+    share: int = 0
+    queued: int = 0
+    running: int = 0
+    processes: int = 0
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """A health check of one node: up or down and why, and what the node says of itself:
+    its run slots (``workers``) and how many are busy, its worker processes (all sessions
+    together) and each client session. ``python`` is the node's Python version; ``packages``
+    names each package the client's tasks referred to whose version differs on the node:
+    ``{name: (here, there)}``."""
 
     address: str
     up: bool
@@ -70,6 +83,8 @@ class NodeReport:
     clusterexec: str = ""
     uptime: float = 0.0
     packages: dict[str, tuple[str, str]] = field(default_factory=dict)
+    processes: int = 0
+    sessions: list[SessionReport] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         """The report as plain data (for JSON)."""
@@ -101,6 +116,17 @@ def report_from_status(address: str, info: dict[str, object], here: dict[str, st
         value = info.get(name, 0)
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
 
+    sessions = []
+    listed = info.get("session_list")
+    for entry in listed if isinstance(listed, list) else []:
+        if isinstance(entry, dict):
+            counts = {name: entry.get(name) for name in ("share", "queued", "running", "processes")}
+            sessions.append(
+                SessionReport(
+                    str(entry.get("peer", "")),
+                    **{name: value if isinstance(value, int) else 0 for name, value in counts.items()},
+                )
+            )
     return NodeReport(
         address,
         True,
@@ -112,4 +138,6 @@ def report_from_status(address: str, info: dict[str, object], here: dict[str, st
         clusterexec=str(info.get("clusterexec", "")),
         uptime=float(number("uptime")),
         packages=differ,
+        processes=int(number("processes")),
+        sessions=sessions,
     )

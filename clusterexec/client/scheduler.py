@@ -33,12 +33,11 @@ from clusterexec.client.ledger import NodeLedger
 from clusterexec.client.link import LinkState, NodeLink
 from clusterexec.client.mailbox import Mailbox
 from clusterexec.client.output import OutputPrinter
-from clusterexec.client.report import ClusterReport, ClusterStats, NodeStats, NodeStatus
+from clusterexec.client.report import ClusterStats, NodeStats, NodeStatus
 from clusterexec.client.taskbook import TaskBook
 from clusterexec.client.tasks import Reply, Task, TaskFuture, task_to_cancel
 from clusterexec.client.watch import LinkWatch
 from clusterexec.code.shipping import ModuleSource
-from clusterexec.code.versions import versions
 from clusterexec.errors import BrokenCluster, ClusterError, NodeLostError, ProtocolError
 from clusterexec.wire.frames import Message
 from clusterexec.wire.messages import (
@@ -111,6 +110,7 @@ class Scheduler:
             Kind.OUTPUT: self._on_output,
             Kind.STATUS_REPLY: self._on_status_reply,
             Kind.HEARTBEAT: self._on_heartbeat,
+            Kind.SHARE: self._on_share,
         }
 
     # ------------------------------------------------------------------ user threads
@@ -167,23 +167,10 @@ class Scheduler:
         Thread-safe; the I/O thread connects it and gives it tasks once it is ready."""
         self._mailbox.call_soon(self._add_link, link)
 
-    def check(self, timeout: float, packages: list[str]) -> ClusterReport:
-        """Every node's health report, with the ``packages`` whose version differs there; all
-        nodes are asked at once, and one that has not answered within ``timeout`` seconds is
-        reported down. Thread-safe; blocks up to ``timeout``."""
-        here = versions(packages)
-        asked = []
-        for link in list(self.links):
-            reply = Reply()
-            reply.value = None
-            self._mailbox.call_soon(self._ask_status, link, reply, packages)
-            asked.append((link, reply))
-        deadline = time.monotonic() + timeout
-        reports = []
-        for link, reply in asked:
-            reply.event.wait(max(0.0, deadline - time.monotonic()))
-            reports.append(link.health(reply.value, here))
-        return ClusterReport(reports)
+    def ask_status(self, link: NodeLink, reply: Reply, packages: list[str]) -> None:
+        """Ask a node for its status (with its versions of ``packages``); ``reply`` gets the
+        answer, or None if the node is not connected. Thread-safe; returns at once."""
+        self._mailbox.call_soon(self._ask_status, link, reply, packages)
 
     def stop(self) -> None:
         """Ask the I/O thread to finish the tasks it has, then close. Thread-safe."""
@@ -394,6 +381,13 @@ class Scheduler:
 
     def _on_heartbeat(self, link: NodeLink, ledger: NodeLedger, message: Message) -> None:
         pass  # the link noted when it last heard from the node
+
+    def _on_share(self, link: NodeLink, ledger: NodeLedger, message: Message) -> None:
+        share = unpack_json(message.body).get("share")
+        if not isinstance(share, int) or isinstance(share, bool):
+            raise ProtocolError(f"SHARE message without a share: {bytes(message.body)[:80]!r}")
+        link.set_share(share)  # other clients came or went: fill the node to the new share
+        self._dispatcher.touch(link, ledger)
 
     # ------------------------------------------------------------------ stopping the workers
 

@@ -13,6 +13,7 @@ import sys
 
 from clusterexec.errors import ClusterError
 from clusterexec.keys import resolve_key
+from clusterexec.node.host import WORKER_IDLE_TIMEOUT
 from clusterexec.node.server import CLIENT_TIMEOUT, Node, NodeConfig, is_loopback
 from clusterexec.node.service import print_systemd_unit
 from clusterexec.wire.frames import DEFAULT_MAX_FRAME
@@ -25,7 +26,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The node's command-line options (shared with ``clusterexec node``)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=15809, help="TCP port (default: 15809; 0 picks a free one)")
-    parser.add_argument("--workers", type=int, default=0, help="worker processes per client session (default: CPUs)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="tasks the node runs at once, shared fairly by all its clients (default: CPUs)",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=0,
+        help="most clients served at once; one more is refused with an error saying the node is full "
+        "(default: 0, no limit)",
+    )
+    parser.add_argument(
+        "--max-processes",
+        type=int,
+        default=0,
+        help="most worker processes on the node, all clients together; at least --workers "
+        "(default: 2 x workers, and at least workers + 4)",
+    )
+    parser.add_argument(
+        "--worker-idle-timeout",
+        type=float,
+        default=WORKER_IDLE_TIMEOUT,
+        help="seconds a worker process may stay idle before it exits; it is started again on demand "
+        f"(default: {WORKER_IDLE_TIMEOUT:g}; 0: never)",
+    )
     parser.add_argument("--key-file", help="shared key file (or set CLUSTEREXEC_KEY)")
     parser.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME, help="largest frame accepted, bytes")
     parser.add_argument(
@@ -101,6 +128,20 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 0:
         print("clusterexec node: --workers must be 0 (one per CPU) or more", file=sys.stderr)
         return EXIT_USAGE
+    if args.max_sessions < 0 or args.max_processes < 0 or args.worker_idle_timeout < 0:
+        print(
+            "clusterexec node: --max-sessions, --max-processes and --worker-idle-timeout must be 0 or more",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    slots = args.workers or os.cpu_count() or 1
+    if args.max_processes and args.max_processes < slots:
+        print(
+            f"clusterexec node: --max-processes {args.max_processes} is below the node's {slots} run slots "
+            "(--workers): each running task needs a process; raise --max-processes or lower --workers",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     if key is None and not is_loopback(args.host) and not args.insecure_no_auth:
         print(
             f"clusterexec node: refusing to listen on {args.host} without a key; pass --key-file "
@@ -130,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         workers=args.workers,
+        max_sessions=args.max_sessions,
+        max_processes=args.max_processes,
+        worker_idle_timeout=args.worker_idle_timeout,
         key=key,
         max_frame=args.max_frame,
         handshake_timeout=args.handshake_timeout,

@@ -14,10 +14,17 @@ import signal
 import socket
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from clusterexec.wire.channel import Channel
 from clusterexec.wire.frames import Message
+
+if TYPE_CHECKING:
+    from clusterexec.node.slots import RunSlots
+
+
+# Seconds a worker process may stay idle before it is retired (``--worker-idle-timeout``; 0: never).
+WORKER_IDLE_TIMEOUT = 60.0
 
 
 class WorkerState(enum.Enum):
@@ -41,6 +48,8 @@ class WorkerProcess:
     functions: set[bytes] = field(default_factory=set)
     assigned: int = 0
     busy_since: float = 0.0
+    idle_since: float = 0.0  # when it last became idle (started, or ended its last task)
+    holds_slot: bool = False  # it counts against the node's run slots (see node/slots.py)
     short: bool = False
     kill_deadline: float = 0.0
     output: list[int] = field(default_factory=list)
@@ -97,6 +106,26 @@ class NodeHost:
     """What a session needs from the node server it lives in (implemented by node.Node)."""
 
     tasks_run = 0
+    slots: RunSlots  # the node's run slots, shared by its sessions
+    worker_idle_timeout = WORKER_IDLE_TIMEOUT
+
+    def grant_slots(self) -> None:
+        """Give the node's free run slots to the sessions with queued work (see RunSlots.grant)."""
+        raise NotImplementedError
+
+    def process_room(self) -> int:
+        """How many more worker processes the node's process bound allows now."""
+        raise NotImplementedError
+
+    def make_room(self, session: WorkerOwner) -> bool:
+        """True if ``session`` may start a worker process now. At the process bound, retire the
+        longest-idle worker of another session (unless one is already on its way out) and
+        return False: the slots are granted again once it is reaped."""
+        raise NotImplementedError
+
+    def refusal(self) -> dict[str, object] | None:
+        """None if a new session may open; otherwise the REFUSED message's body (the node is full)."""
+        raise NotImplementedError
 
     def status(self, packages: list[object] | None = None) -> dict[str, object]:
         """The node's health report (for STATUS requests), with its versions of ``packages``."""

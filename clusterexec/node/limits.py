@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 
-from clusterexec.node.host import WorkerProcess
+from clusterexec.node.host import WorkerProcess, exit_report
 from clusterexec.wire.frames import Message
 from clusterexec.wire.messages import FLAG_TIMEOUT, TASK_HEAD
 
@@ -47,3 +47,12 @@ def kill_overdue(workers: list[WorkerProcess], now: float, peer: str) -> float:
         except ProcessLookupError:
             pass
     return due
+
+
+def crash_report(worker: WorkerProcess, status: int, maxrss_kb: int) -> dict[str, object]:
+    """The CRASHED report of a worker's running task: how the worker ended, and the timeout it
+    ran past if the node killed it for that."""
+    info = exit_report(worker.pid, status, maxrss_kb)
+    if worker.timed_out is not None:
+        info["timeout"] = worker.timed_out
+    return info

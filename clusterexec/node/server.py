@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING
 from clusterexec._version import __version__
 from clusterexec.errors import ClusterError, ProtocolError
 from clusterexec.node.accept import Acceptor, listen, raise_fd_limit
-from clusterexec.node.host import NodeHost, WorkerOwner, WorkerProcess
+from clusterexec.node.host import WORKER_IDLE_TIMEOUT, NodeHost, WorkerOwner, WorkerProcess
 from clusterexec.node.libc import release_freed, tune_malloc
 from clusterexec.node.session import Session, SessionState
+from clusterexec.node.slots import RunSlots
 from clusterexec.node.workers import WorkerIO, fork_worker
 from clusterexec.wire.channel import Channel, ConnectionClosed
 from clusterexec.wire.frames import DEFAULT_MAX_FRAME
@@ -56,11 +57,15 @@ CLIENT_TIMEOUT = 30.0
 
 @dataclass
 class NodeConfig:
-    """How a node runs: where it listens, how many workers per session, its key."""
+    """How a node runs: where it listens, how many tasks it runs at once (its run slots, shared
+    by every session), its bounds on sessions and worker processes, its key."""
 
     host: str = "127.0.0.1"
     port: int = 15809
     workers: int = 0
+    max_sessions: int = 0  # 0: no limit
+    max_processes: int = 0  # 0: default_max_processes(workers)
+    worker_idle_timeout: float = WORKER_IDLE_TIMEOUT  # 0: never retire an idle worker
     key: bytes | None = None
     max_frame: int = DEFAULT_MAX_FRAME
     handshake_timeout: float = HANDSHAKE_TIMEOUT
@@ -68,6 +73,12 @@ class NodeConfig:
     exit_with_stdin: bool = False
     tls: ssl.SSLContext | None = None
     client_timeout: float = CLIENT_TIMEOUT
+
+
+def default_max_processes(workers: int) -> int:
+    """The default bound on a node's worker processes: twice its run slots, and at least 4 more
+    (room for other sessions' idle workers, so slots can move between sessions without a fork)."""
+    return max(2 * workers, workers + 4)
 
 
 def is_loopback(host: str) -> bool:
@@ -87,6 +98,12 @@ class Node(NodeHost):
         self.config = config
         self.workers_per_session = config.workers or os.cpu_count() or 1
         self.fd_limit = raise_fd_limit()
+        self.slots = RunSlots(self.workers_per_session)
+        self.max_processes = max(config.max_processes, self.workers_per_session)
+        if not config.max_processes:
+            self.max_processes = default_max_processes(self.workers_per_session)
+        self.max_sessions = config.max_sessions
+        self.worker_idle_timeout = config.worker_idle_timeout
         self.poller = Poller()
         listener = listen(config.host, config.port)
         self.address = listener.getsockname()
@@ -124,9 +141,10 @@ class Node(NodeHost):
         }
 
     def status(self, packages: list[object] | None = None) -> dict[str, object]:
-        """Facts and counters for a health check: uptime, sessions, busy workers, tasks run;
-        with ``packages`` (top-level names), this node's version of each."""
-        busy = sum(1 for s in self.sessions.values() for w in s.workers if w.outstanding)
+        """Facts and counters for a health check: uptime, run slots and how many are busy,
+        tasks run, worker processes, and each session's client, share and queued tasks; with
+        ``packages`` (top-level names), this node's version of each."""
+        opened = [s for s in self.sessions.values() if s.state not in (SessionState.WAITING, SessionState.REFUSED)]
         extra: dict[str, object] = {}
         if packages:
             from clusterexec.code.versions import versions  # only when asked: metadata is slow to read
@@ -137,9 +155,65 @@ class Node(NodeHost):
             **self.describe(),
             "uptime": time.time() - self.started,
             "workers": self.workers_per_session,
-            "sessions": len(self.sessions),
-            "busy": busy,
+            "sessions": len(opened),
+            "busy": self.slots.in_use,
             "tasks_run": self.tasks_run,
+            "processes": len(self.worker_io.by_pid),
+            "max_processes": self.max_processes,
+            "max_sessions": self.max_sessions,
+            "session_list": [
+                {
+                    "peer": s.peer,
+                    "share": s.share,
+                    "queued": len(s.queue),
+                    "running": s.held,
+                    "processes": len(s.workers),
+                    "tasks_done": s.tasks_done,
+                }
+                for s in opened
+            ],
+        }
+
+    def grant_slots(self) -> None:
+        """Give the free run slots to the sessions with queued work."""
+        slots = self.slots
+        if slots.in_use < slots.capacity:  # per result of a busy node: no clock read for nothing
+            slots.grant(time.monotonic())
+
+    def process_room(self) -> int:
+        """How many more worker processes the process bound allows now."""
+        return max(0, self.max_processes - len(self.worker_io.by_pid))
+
+    def make_room(self, session: WorkerOwner) -> bool:
+        """True if ``session`` may fork a worker now; at the bound, retire the longest-idle worker
+        of another session (unless one is on its way out already) and return False."""
+        worker_io = self.worker_io
+        if len(worker_io.by_pid) < self.max_processes:
+            return True
+        if worker_io.exiting:
+            return False  # the slots are granted again when it is reaped
+        victim: tuple[Session, WorkerProcess] | None = None
+        for other in self.sessions.values():
+            worker = other.pool.longest_idle() if other is not session else None
+            if worker is not None and (victim is None or worker.idle_since < victim[1].idle_since):
+                victim = (other, worker)
+        if victim is not None:
+            owner, worker = victim
+            log.debug("at the process bound: retiring idle worker %d of %s", worker.pid, owner.peer)
+            owner.pool.retire(worker)
+        return False
+
+    def refusal(self) -> dict[str, object] | None:
+        """None while the node takes another session; the REFUSED body once it is full."""
+        count = len(self.slots.users)
+        if not self.max_sessions or count < self.max_sessions:
+            return None
+        host, port = self.address[0], self.address[1]
+        return {
+            "reason": "full",
+            "sessions": count,
+            "max_sessions": self.max_sessions,
+            "message": f"node {host}:{port} is full: it serves {count} sessions, the most its --max-sessions allows",
         }
 
     def fork_worker(self, sock: socket.socket, output: list[int], compression: str | None = None) -> int:
@@ -199,6 +273,7 @@ class Node(NodeHost):
             if worker_io.reap_due:
                 worker_io.reap_due = False
                 worker_io.reap()
+                self.slots.grant(time.monotonic())  # room for a process a session waits for
             if self.dirty:
                 self._flush()
         self._shutdown()
@@ -259,9 +334,9 @@ class Node(NodeHost):
         for session in self.sessions.values():
             backlog = session.channel.backlog
             if not session.paused and backlog > BACKLOG_HIGH:
-                session.paused = True
+                session.pause(True)
             elif session.paused and backlog < BACKLOG_LOW:
-                session.paused = False
+                session.pause(False)
             else:
                 continue
             for process in session.workers:
@@ -270,6 +345,7 @@ class Node(NodeHost):
                     self._update_events(fd)
                 # Output pipes too: a worker printing without end blocks on its full pipe.
                 self.worker_io.watch_output(session, process, on=not session.paused)
+            self.grant_slots()  # the slots a paused session gave up go to the others
 
     def _set_write_interest(self, fd: int, want: bool) -> None:
         if want == (fd in self.write_interest):
@@ -343,6 +419,12 @@ class Node(NodeHost):
             return
         if session.state is SessionState.CLOSED:
             self._end_session(fd, "client said goodbye")
+        elif session.state is SessionState.REFUSED:
+            try:
+                session.channel.flush()  # the REFUSED message, before the connection closes
+            except (ConnectionClosed, OSError):
+                pass
+            self._end_session(fd, "refused: the node is full")
 
     def _end_session_of(self, session: WorkerOwner, reason: str) -> None:
         self._end_session(session.channel.sock.fileno(), reason)

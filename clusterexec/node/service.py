@@ -8,6 +8,7 @@ import pwd
 import sys
 
 from clusterexec.keys import KEY_ENV, KEY_FILE_ENV
+from clusterexec.node.host import WORKER_IDLE_TIMEOUT
 from clusterexec.node.server import CLIENT_TIMEOUT
 from clusterexec.wire.frames import DEFAULT_MAX_FRAME
 from clusterexec.wire.handshake import HANDSHAKE_TIMEOUT
@@ -32,6 +33,12 @@ def print_systemd_unit(args: argparse.Namespace) -> int:
     command = [os.path.abspath(sys.executable), "-m", "clusterexec.node", "--host", args.host, "--port", str(args.port)]
     if args.workers:
         command += ["--workers", str(args.workers)]
+    if args.max_sessions:
+        command += ["--max-sessions", str(args.max_sessions)]
+    if args.max_processes:
+        command += ["--max-processes", str(args.max_processes)]
+    if args.worker_idle_timeout != WORKER_IDLE_TIMEOUT:
+        command += ["--worker-idle-timeout", f"{args.worker_idle_timeout:g}"]
     if key_file:
         command += ["--key-file", os.path.abspath(key_file)]
     if args.max_frame != DEFAULT_MAX_FRAME:

@@ -1,63 +1,57 @@
-"""One client's session on a node: its worker processes, its task queue, routing bytes.
+"""One client's session on a node: its task queue, its share of the run slots, routing bytes.
 
 The session never unpickles user payloads. It reads the fixed headers of TASK and RESULT
 messages (task id, function digest) and forwards the rest as it came. Tasks wait in the
-session's queue until a worker is free; only queued tasks can be cancelled. A worker that
-dies fails the one task it was running, and the session starts a replacement.
+session's queue until the node's run slots (:mod:`clusterexec.node.slots`) give the session a
+slot; only queued tasks can be cancelled. Its worker processes (:mod:`clusterexec.node.pool`)
+start on demand. A worker that dies fails the one task it was running, and the session starts
+a replacement.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import os
-import signal
-import socket
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
 from clusterexec.errors import ProtocolError
-from clusterexec.node.host import NodeHost, WorkerProcess, WorkerState, describe_status, exit_report
-from clusterexec.node.limits import kill_overdue, timed
+from clusterexec.node.halt import KILL_GRACE, read_signal_request, signalled_reports, withdraw_queued
+from clusterexec.node.host import NodeHost, WorkerProcess, WorkerState, describe_status
+from clusterexec.node.limits import crash_report, kill_overdue, timed
+from clusterexec.node.pool import WorkerPool
 from clusterexec.node.request import SessionRequest
+from clusterexec.node.slots import ACTIVE_LINGER
 from clusterexec.wire.channel import Channel
 from clusterexec.wire.frames import AnyBuffer, Message
 from clusterexec.wire.messages import (
     BROKEN,
     CANCELLED,
     CRASHED,
-    FORGET,
-    FUNC,
     HEARTBEAT,
     OUTPUT,
     OUTPUT_HEAD,
+    REFUSED,
     RESULT,
     RESULT_HEAD,
-    SIGNAL_HEAD,
+    SHARE,
     STARTED,
     STATUS_OK,
     STATUS_REPLY,
-    STOP,
-    TASK,
     TASK_HEAD,
     TASK_ID,
     WELCOME,
-    WORKERS_KILL,
-    WORKERS_TERMINATE,
     Kind,
     pack_cancelled,
     pack_ids,
     pack_json,
-    task_timeout,
     unexpected,
     unpack_ids,
     unpack_json,
 )
-from clusterexec.wire.messages import (
-    FLAG_TIMEOUT as TIMED,
-)
-from clusterexec.wire.sealing import Buffer, PlainOpener, PlainSealer
+from clusterexec.wire.sealing import Buffer
 
 log = logging.getLogger("clusterexec.node")
 
@@ -69,18 +63,14 @@ PIPELINE = 4
 # STARTED_DELAY seconds later: a quick result implies the start, and saves the client a wake-up.
 STARTED_DELAY = 0.001
 SHORT_TASK = 0.001
-KILL_GRACE = 2.0
-# What SIGNAL_WORKERS asks for: the signal sent, and the client method named in reports.
-WORKER_SIGNALS = {
-    WORKERS_TERMINATE: (signal.SIGTERM, "terminate_workers()"),
-    WORKERS_KILL: (signal.SIGKILL, "kill_workers()"),
-}
+DIED_RUNNING = "worker %d of session %s died (%s) running task %d"
 
 
 class SessionState(enum.Enum):
     """Where a session is in its life."""
 
     WAITING = "waiting for the session request"
+    REFUSED = "refused: the node is full"
     ACTIVE = "active"
     HALTED = "workers stopped by the client"
     BROKEN = "broken"
@@ -88,7 +78,10 @@ class SessionState(enum.Enum):
 
 
 class Session:
-    """One authenticated client connection and the workers that serve it."""
+    """One authenticated client connection and the workers that serve it.
+
+    It is a :class:`~clusterexec.node.slots.SlotUser` of its node's run slots: ``held``,
+    ``waiting_since`` and ``active`` are theirs to read."""
 
     def __init__(
         self,
@@ -102,14 +95,21 @@ class Session:
         self.peer = peer
         self.max_workers = max_workers
         self.state = SessionState.WAITING
-        self.workers: list[WorkerProcess] = []
+        self.pool = WorkerPool(node, self)
+        self.workers: list[WorkerProcess] = self.pool.workers
         self.queue: deque[Message] = deque()
-        self.functions: dict[bytes, Message] = {}
         self.started: dict[int, None] = {}
         self.started_due = 0.0
         self.request = SessionRequest()  # the client's terms, once its SESSION message came
-        self.modules: list[Message] = []
-        self.max_tasks_per_child = 0
+        # Of the node's run slots (see clusterexec.node.slots): the slots its workers hold, the
+        # tie-break among sessions that hold as many, whether it counts for the shares, and
+        # the share its client was last told (0: none yet).
+        self.held = 0
+        self.cap = 0  # the most it may hold: the workers its client asked for, within the node's
+        self.waiting_since = 0.0
+        self.active = False
+        self.last_busy = 0.0
+        self.share = 0
         self.next_heartbeat = 0.0
         self.tasks_done = 0
         self.tasks_failed = 0
@@ -132,12 +132,13 @@ class Session:
         node then ends this session alone)."""
         handlers = CLIENT_HANDLERS
         for message in messages:
-            if self.state is SessionState.CLOSED:
+            if self.state in (SessionState.CLOSED, SessionState.REFUSED):
                 return
             handler = handlers.get(message.kind)
             if handler is None:
                 raise unexpected(message.kind, "from the client")
             handler(self, message)
+        self.node.grant_slots()
         self.dispatch()
 
     def _on_task(self, message: Message) -> None:
@@ -147,17 +148,20 @@ class Session:
             # No task starts once the client has stopped its workers.
             self._to_client(CANCELLED, pack_cancelled([TASK_ID.unpack_from(message.body, 0)[0]], []))
             return
+        if not self.queue and not self.held:
+            self.waiting_since = time.monotonic()  # it waits for a slot from now
+            if not self.active:
+                self.active = True  # it counts for the shares again
+                self.node.slots.reshare()
         self.queue.append(message)
 
     def _on_func(self, message: Message) -> None:
         if len(message.body) < 16:
             raise ProtocolError("FUNC message is shorter than its digest")
-        self.functions[bytes(message.body[:16])] = message
+        self.pool.functions[bytes(message.body[:16])] = message
 
     def _on_modules(self, message: Message) -> None:
-        self.modules.append(message)
-        for worker in self.workers:
-            self._to_worker(worker, message)
+        self.pool.add_modules(message)
 
     def _on_status(self, message: Message) -> None:
         asked = unpack_json(message.body).get("packages") if len(message.body) else None
@@ -172,30 +176,46 @@ class Session:
     def _on_session(self, message: Message) -> None:
         if self.state is not SessionState.WAITING:
             raise ProtocolError("SESSION message sent twice")
-        self.request = request = SessionRequest.parse(message, self.max_workers)
-        self.max_tasks_per_child = request.max_tasks_per_child  # read on every dispatch
-        for _ in range(request.workers):
-            self._spawn()
+        self.request = self.pool.request = request = SessionRequest.parse(message, self.max_workers)
+        self.cap = request.workers
+        refusal = self.node.refusal()
+        if refusal is not None:
+            self.state = SessionState.REFUSED
+            self._to_client(REFUSED, pack_json(refusal))
+            log.warning("session from %s refused: %s", self.peer, refusal["message"])
+            return
+        now = time.monotonic()
+        self.active, self.last_busy, self.waiting_since = True, now, now
+        self.node.slots.join(self)  # sets self.share, and tells the other sessions theirs
+        # Its share's workers start now if the process bound has room: a client alone gets
+        # every worker at once, as before shares existed; the rest start on demand.
+        self.pool.spawn_within_bound(self.share)
         self.state = SessionState.ACTIVE
-        welcome = {"workers": request.workers, "compression": request.compression, **self.node.describe()}
+        welcome = {
+            "workers": self.share,
+            "capacity": self.node.slots.capacity,
+            "compression": request.compression,
+            **self.node.describe(),
+        }
         self._to_client(WELCOME, pack_json(welcome))
-        self.next_heartbeat = time.monotonic() + request.heartbeat_interval
+        self.next_heartbeat = now + request.heartbeat_interval
         self.node.timer_at(self.next_heartbeat)
         codec = f", {request.compression} compression" if request.compression else ""
-        log.info("session from %s started with %d workers%s", self.peer, request.workers, codec)
+        capacity = self.node.slots.capacity
+        log.info("session from %s started with %d workers%s (its share of %d)", self.peer, self.share, codec, capacity)
+
+    def announce_share(self, share: int) -> None:
+        """The node's run slots set this session's share: tell the client if it changed."""
+        if share == self.share:
+            return
+        self.share = share
+        if self.state in (SessionState.ACTIVE, SessionState.HALTED):
+            self._to_client(SHARE, pack_json({"share": share}))
+            log.debug("session from %s: share now %d", self.peer, share)
 
     def _on_cancel(self, message: Message) -> None:
         ids = unpack_ids(message.body)
-        wanted = set(ids)
-        kept: deque[Message] = deque()
-        cancelled: list[int] = []
-        for message in self.queue:
-            (task_id,) = TASK_ID.unpack_from(message.body, 0)
-            if task_id in wanted:
-                cancelled.append(task_id)
-            else:
-                kept.append(message)
-        self.queue = kept
+        self.queue, cancelled = withdraw_queued(self.queue, ids)
         self.tasks_cancelled += len(cancelled)
         done = set(cancelled)
         self._to_client(CANCELLED, pack_cancelled(cancelled, [i for i in ids if i not in done]))
@@ -208,14 +228,10 @@ class Session:
         reaches the client; each task a worker was running is then reported CRASHED, naming
         the method, and the tasks sent ahead to it are reported CANCELLED. Nothing is respawned.
         """
-        if len(message.body) < SIGNAL_HEAD.size:
-            raise ProtocolError("SIGNAL_WORKERS message is shorter than its header")
-        (how,) = SIGNAL_HEAD.unpack_from(message.body, 0)
-        if how not in WORKER_SIGNALS:
-            raise ProtocolError(f"SIGNAL_WORKERS asks for unknown signal kind {how}")
+        signum, stopped_by = read_signal_request(message)
         if self.state not in (SessionState.ACTIVE, SessionState.HALTED):
             return  # no session yet, or its workers are already stopped (broken, closed)
-        signum, self.stopped_by = WORKER_SIGNALS[how]
+        self.stopped_by = stopped_by
         self.state = SessionState.HALTED
         cancelled = [TASK_ID.unpack_from(message.body, 0)[0] for message in self.queue]
         self.queue.clear()
@@ -227,83 +243,74 @@ class Session:
         log.info("session from %s: %s called; %d workers signalled", self.peer, self.stopped_by, len(self.workers))
 
     def _on_forget(self, message: Message) -> None:
-        digest = bytes(message.body[:16])
-        self.functions.pop(digest, None)
-        for worker in self.workers:
-            if digest in worker.functions:
-                worker.functions.discard(digest)
-                worker.channel.send(FORGET, digest)
-                self.node.want_write(worker.channel)
+        self.pool.forget(bytes(message.body[:16]))
 
     # ------------------------------------------------------------------ dispatch
 
-    def _accepting(self, worker: WorkerProcess) -> bool:
-        if worker.state is not WorkerState.RUNNING:
-            return False
-        return not self.max_tasks_per_child or worker.assigned < self.max_tasks_per_child
+    def wants_slot(self) -> bool:
+        """True if a queued task could start with one more run slot."""
+        return bool(self.queue) and self.held < self.cap and self.state is SessionState.ACTIVE and not self.paused
+
+    def take_slot(self, now: float) -> bool:
+        """Start the next queued task on an idle worker, or on a new one if the node's process
+        bound has room; False if it has none yet (see :meth:`RunSlots.grant`)."""
+        worker = self.pool.idle()
+        if worker is None:
+            if not self.node.make_room(self):
+                return False
+            worker = self.pool.spawn()
+        self._give(worker, self.queue.popleft())
+        self._arm_started()
+        return True
 
     def dispatch(self) -> None:
-        """Give queued tasks to free workers; short tasks are pipelined two deep."""
-        if not self.queue or self.state is not SessionState.ACTIVE:
+        """Pipeline queued tasks to workers that hold a run slot and run short tasks, up to
+        PIPELINE deep, unless another session waits for a slot these workers should free."""
+        if not self.queue or self.state is not SessionState.ACTIVE or not self.held:
             return
-        for worker in self.workers:
-            if not self.queue:
-                break
-            if not worker.outstanding and self._accepting(worker):
-                self._give(worker, self.queue.popleft())
+        if self.node.slots.must_yield(self):
+            return
+        accepting = self.pool.accepting
         for depth in range(2, PIPELINE + 1):
             for worker in self.workers:
                 # A task with a timeout never waits behind another on a worker, nor another behind it.
                 if not self.queue or timed(self.queue[0]):
                     break
-                if worker.short and len(worker.outstanding) < depth and self._accepting(worker) and not worker.timeout:
+                if worker.short and 0 < len(worker.outstanding) < depth and accepting(worker) and not worker.timeout:
                     self._give(worker, self.queue.popleft())
+        self._arm_started()
+
+    def _arm_started(self) -> None:
         if self.started and not self.started_due:
             self.started_due = time.monotonic() + STARTED_DELAY
             self.node.timer_at(self.started_due)
 
     def _give(self, worker: WorkerProcess, message: Message) -> None:
-        task_id, digest, flags = TASK_HEAD.unpack_from(message.body, 0)
-        if flags & TIMED:
-            worker.timeout = task_timeout(message.body, flags)
-            worker.deadline = time.monotonic() + (worker.timeout or 0.0)
-            self.node.timer_at(worker.deadline)
-        if digest not in worker.functions:
-            func = self.functions.get(digest)
-            if func is None:
-                raise ProtocolError(f"task {task_id} refers to a function the client never sent")
-            worker.channel.send(FUNC, func.body, func.buffers)
-            worker.functions.add(digest)
-        worker.channel.send(TASK, message.body, message.buffers)
         if not worker.outstanding:
-            worker.busy_since = time.monotonic()
-        worker.outstanding.append((task_id, message))
-        worker.assigned += 1
-        self.started[task_id] = None
-        self.node.want_write(worker.channel)
+            self._hold(worker)  # released when its last task ends, or it dies
+        self.started[self.pool.give(worker, message)] = None
+
+    def _hold(self, worker: WorkerProcess) -> None:
+        worker.holds_slot = True
+        self.node.slots.hold(self)
+
+    def _release(self, worker: WorkerProcess, now: float) -> None:
+        if worker.holds_slot:
+            worker.holds_slot = False
+            self.node.slots.release(self, now)
+
+    def pause(self, paused: bool) -> None:
+        """Back-pressure: while its client does not read, its workers give up their run slots
+        (nothing new starts for it) and take them again once it catches up: it stops no one."""
+        self.paused = paused
+        now = time.monotonic()
+        for worker in self.workers:
+            if paused:
+                self._release(worker, now)
+            elif worker.outstanding and not worker.holds_slot:
+                self._hold(worker)
 
     # ------------------------------------------------------------------ worker side
-
-    def _spawn(self) -> None:
-        parent, child = socket.socketpair()
-        pipes = [os.pipe(), os.pipe()] if self.request.output else []
-        pid = self.node.fork_worker(child, [w for _, w in pipes], self.request.compression)
-        child.close()
-        for _, w in pipes:
-            os.close(w)
-        parent.setblocking(False)
-        channel = Channel(parent, PlainSealer(), PlainOpener(), chunked=True)
-        worker = WorkerProcess(pid, channel, output=[r for r, _ in pipes])
-        self.workers.append(worker)
-        self.node.watch_worker(self, worker)
-        if self.request.init is not None:
-            self._to_worker(worker, self.request.init)
-        for message in self.modules:
-            self._to_worker(worker, message)
-
-    def _to_worker(self, worker: WorkerProcess, message: Message) -> None:
-        worker.channel.send(message.kind, message.body, message.buffers)
-        self.node.want_write(worker.channel)
 
     def on_worker_messages(self, worker: WorkerProcess, messages: list[Message]) -> None:
         """Handle messages from one worker: forward results, note failures.
@@ -317,6 +324,7 @@ class Session:
             if handler(self, worker, message):
                 return  # the session broke: nothing more from this batch counts
         self._retire_spent(worker)
+        self.node.grant_slots()
         self.dispatch()
 
     def _on_init_failed(self, worker: WorkerProcess, message: Message) -> bool:
@@ -337,7 +345,8 @@ class Session:
         task_id, status, _ = RESULT_HEAD.unpack_from(message.body, 0)
         if not worker.outstanding or worker.outstanding[0][0] != task_id:
             raise ProtocolError(f"worker {worker.pid} answered for task {task_id} out of turn")
-        worker.outstanding.popleft()
+        outstanding = worker.outstanding
+        outstanding.popleft()
         worker.timeout = None
         started = self.started
         started.pop(task_id, None)
@@ -346,6 +355,9 @@ class Session:
         now = time.monotonic()
         worker.short = now - worker.busy_since < SHORT_TASK
         worker.busy_since = now
+        if not outstanding:
+            worker.idle_since = self.last_busy = now
+            self._release(worker, now)
         self.tasks_done += 1
         if status != STATUS_OK:  # the status byte is the node's to read; the payload is not
             self.tasks_failed += 1
@@ -355,19 +367,11 @@ class Session:
         return False
 
     def _retire_spent(self, worker: WorkerProcess) -> None:
-        if (
-            self.max_tasks_per_child
-            and worker.state is WorkerState.RUNNING
-            and worker.assigned >= self.max_tasks_per_child
-            and not worker.outstanding
-        ):
-            worker.state = WorkerState.RETIRING
-            worker.channel.send(STOP)
-            self.node.want_write(worker.channel)
-            self.workers.remove(worker)
-            self.node.retire_worker(worker)
+        limit = self.request.max_tasks_per_child
+        if limit and worker.state is WorkerState.RUNNING and worker.assigned >= limit and not worker.outstanding:
+            self.pool.retire(worker)
             if self.state is SessionState.ACTIVE:
-                self._spawn()
+                self.pool.spawn_within_bound(1)
 
     def on_worker_exit(self, worker: WorkerProcess, status: int, maxrss_kb: int) -> None:
         """A worker process was reaped: fail its running task, requeue the rest, replace it."""
@@ -376,8 +380,10 @@ class Session:
         worker.state = WorkerState.DEAD
         if worker in self.workers:
             self.workers.remove(worker)
+            self._release(worker, time.monotonic())
         if signalled and self.state is SessionState.HALTED:
-            self._report_signalled(worker, status, maxrss_kb)
+            for kind, body in signalled_reports(worker, status, maxrss_kb, self.stopped_by):
+                self._to_client(kind, body)
             return
         if planned or self.state is not SessionState.ACTIVE:
             return
@@ -385,30 +391,15 @@ class Session:
         if worker.outstanding:
             running, _ = worker.outstanding.popleft()
             self.tasks_crashed += 1
-            info = exit_report(worker.pid, status, maxrss_kb)
-            if worker.timed_out is not None:
-                info["timeout"] = worker.timed_out
-            self._to_client(CRASHED, TASK_ID.pack(running) + pack_json(info))
+            self._to_client(CRASHED, TASK_ID.pack(running) + pack_json(crash_report(worker, status, maxrss_kb)))
             level = logging.INFO if worker.timed_out is not None else logging.WARNING  # killed on purpose
-            what = "worker %d of session %s died (%s) running task %d"
-            log.log(level, what, worker.pid, self.peer, description, running)
+            log.log(level, DIED_RUNNING, worker.pid, self.peer, description, running)
             self._requeue(worker)
         else:
             log.warning("worker %d of session %s died (%s) while idle", worker.pid, self.peer, description)
-        self._spawn()
+        self.pool.spawn_within_bound(1)
+        self.node.grant_slots()
         self.dispatch()
-
-    def _report_signalled(self, worker: WorkerProcess, status: int, maxrss_kb: int) -> None:
-        """A worker signalled at the client's request is gone: its running task failed, the
-        tasks sent ahead to it never started."""
-        if not worker.outstanding:
-            return
-        running, _ = worker.outstanding.popleft()
-        info = {**exit_report(worker.pid, status, maxrss_kb), "stopped_by": self.stopped_by}
-        self._to_client(CRASHED, TASK_ID.pack(running) + pack_json(info))
-        if worker.outstanding:
-            self._to_client(CANCELLED, pack_cancelled([task_id for task_id, _ in worker.outstanding], []))
-            worker.outstanding.clear()
 
     def _requeue(self, worker: WorkerProcess) -> None:
         # Tasks sent ahead to the dead worker had not started: back to the queue front, in order.
@@ -428,8 +419,9 @@ class Session:
 
     def tick(self, now: float) -> float:
         """Kill workers running a task past its timeout, send STARTED reports and heartbeats
-        when due; return when the next timer is due."""
-        due = kill_overdue(self.workers, now, self.peer)
+        when due, retire idle workers, stop counting for the shares once out of work; return
+        when the next timer is due."""
+        overdue = kill_overdue(self.workers, now, self.peer)
         if self.started_due and now >= self.started_due:
             if self.started:
                 self._to_client(STARTED, pack_ids(list(self.started)))
@@ -438,26 +430,35 @@ class Session:
         if self.state in (SessionState.ACTIVE, SessionState.HALTED, SessionState.BROKEN) and now >= self.next_heartbeat:
             self._to_client(HEARTBEAT)
             self.next_heartbeat = now + self.request.heartbeat_interval
+        due = min(self.next_heartbeat, self.pool.retire_idle(now, self.node.worker_idle_timeout))
+        if self.active and not self.queue and not self.held:
+            if now - self.last_busy >= ACTIVE_LINGER:
+                self.active = False
+                self.node.slots.reshare()
+            else:
+                due = min(due, self.last_busy + ACTIVE_LINGER)
         if self.started_due:
             due = min(due, self.started_due)
-        return min(due, self.next_heartbeat)
+        due = min(due, overdue)
+        return due if due < math.inf else now + 1.0
 
     def stop_workers(self) -> None:
         """Kill every worker of this session (SIGTERM now, SIGKILL after a grace period)."""
-        for worker in list(self.workers):
-            self.workers.remove(worker)
-            worker.state = WorkerState.KILLED
-            self.node.retire_worker(worker, kill=True)
+        now = time.monotonic()
+        for worker in self.workers:
+            self._release(worker, now)
+        self.pool.kill_all()
 
     def close(self, reason: str) -> None:
         """End the session: close the client connection and kill its workers."""
         if self.state is SessionState.CLOSED:
             return
-        opened = self.state is not SessionState.WAITING
+        opened = self.state not in (SessionState.WAITING, SessionState.REFUSED)
         self.state = SessionState.CLOSED
         self.queue.clear()
-        self.functions.clear()
+        self.pool.functions.clear()
         self.stop_workers()
+        self.node.slots.leave(self, time.monotonic())
         # A status probe never opens a session: not worth an INFO line. The counts: tasks run to
         # a result (of which failed: raised), crashed (their worker died), cancelled before start.
         log.log(

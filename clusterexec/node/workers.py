@@ -81,6 +81,8 @@ class WorkerIO:
         self.by_fd: dict[int, tuple[WorkerOwner, WorkerProcess]] = {}
         self.by_pid: dict[int, tuple[WorkerOwner, WorkerProcess]] = {}
         self.dying: dict[int, WorkerProcess] = {}
+        # Workers retired (told to stop, or killed) and not reaped yet: on their way out.
+        self.exiting: set[int] = set()
         # Set when a child may have exited (SIGCHLD, a closed channel): the loop then calls reap().
         self.reap_due = False
         # The events of the select() being handled (None outside of it): see drain_output().
@@ -179,6 +181,8 @@ class WorkerIO:
 
     def retire(self, worker: WorkerProcess, kill: bool = False) -> None:
         """Stop feeding a worker; with ``kill`` terminate it, SIGKILL after a grace period."""
+        if worker.pid in self.by_pid:
+            self.exiting.add(worker.pid)
         if kill:
             try:
                 os.kill(worker.pid, signal.SIGTERM)
@@ -253,6 +257,7 @@ class WorkerIO:
             if pid == 0:
                 return
             self.dying.pop(pid, None)
+            self.exiting.discard(pid)
             entry = self.by_pid.pop(pid, None)
             if entry is None:
                 continue

@@ -42,6 +42,8 @@ class Kind(enum.IntEnum):
     BROKEN = 26
     STATUS_REPLY = 27
     OUTPUT = 28
+    SHARE = 29  # the session's share of the node's run slots changed: {"share": n}
+    REFUSED = 30  # in place of WELCOME: the node will not open the session (it is full)
     # Node to worker (TASK, FUNC, FORGET and MODULES are forwarded as they came).
     INIT = 40
     STOP = 41
@@ -82,6 +84,8 @@ HEARTBEAT = Kind.HEARTBEAT
 BROKEN = Kind.BROKEN
 STATUS_REPLY = Kind.STATUS_REPLY
 OUTPUT = Kind.OUTPUT
+SHARE = Kind.SHARE
+REFUSED = Kind.REFUSED
 INIT = Kind.INIT
 STOP = Kind.STOP
 INIT_FAILED = Kind.INIT_FAILED
