@@ -13,6 +13,7 @@ its condition): the scheduler goes through :meth:`Task.mark_sent`, :func:`mark_r
 from __future__ import annotations
 
 import enum
+import itertools
 import threading
 import weakref
 from concurrent.futures import Future
@@ -141,16 +142,23 @@ class TaskFuture(Future[Any]):
         self._scheduler: SentTaskCanceller | None = scheduler
         self._task: Task | None = None
         self._seen = False
+        self._unseen_key = 0  # its entry in UNSEEN, if it failed through no fault of its own
 
     def result(self, timeout: float | None = None) -> Any:
         """As ``Future.result``."""
         self._seen = True
-        return super().result(timeout)
+        try:
+            return super().result(timeout)
+        finally:
+            UNSEEN.seen(self)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """As ``Future.exception``."""
         self._seen = True
-        return super().exception(timeout)
+        try:
+            return super().exception(timeout)
+        finally:
+            UNSEEN.seen(self)
 
     def cancel(self) -> bool:
         """Cancel the task if it has not started; return True if it is cancelled."""
@@ -173,22 +181,36 @@ class UnseenFailures:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._failures: list[tuple[weakref.ref[TaskFuture], int, str]] = []
+        # By a key the future keeps: a future looked at and then freed is forgotten at once (a
+        # freed future cannot say it was seen), one freed unseen stays to be reported.
+        self._failures: dict[int, tuple[weakref.ref[TaskFuture], int, str]] = {}
+        self._keys = itertools.count(1)
         self._more = 0
 
     def note(self, future: TaskFuture, task_id: int, error: BaseException) -> None:
         """Remember a task that failed through no fault of its own code."""
+        if future._seen:
+            return
         with self._lock:
             if len(self._failures) < self.LIMIT:
-                self._failures.append((weakref.ref(future), task_id, str(error).splitlines()[0]))
+                future._unseen_key = next(self._keys)
+                self._failures[future._unseen_key] = (weakref.ref(future), task_id, str(error).splitlines()[0])
             else:
                 self._more += 1
+
+    def seen(self, future: TaskFuture) -> None:
+        """``future``'s outcome was asked for: it is not to be reported."""
+        if future._unseen_key:
+            with self._lock:
+                self._failures.pop(future._unseen_key, None)
+                future._unseen_key = 0
 
     def report(self) -> str | None:
         """What to tell the user at exit, or None if every such failure was looked at."""
         with self._lock:
-            unseen = [(task_id, text) for ref, task_id, text in self._failures if not getattr(ref(), "_seen", False)]
-            more, self._failures, self._more = self._more, [], 0
+            failures = self._failures.values()
+            unseen = [(task_id, text) for ref, task_id, text in failures if not getattr(ref(), "_seen", False)]
+            more, self._failures, self._more = self._more, {}, 0
         if not unseen:
             return None
         count = len(unseen) + more
