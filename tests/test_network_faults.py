@@ -203,12 +203,15 @@ def net(node_factory: Callable[..., NodeProcess], key_file: Path, tmp_path: Path
 # --------------------------------------------------------------------------- 1. one node partitioned
 
 
-def fault_at(progress: threading.Event, action: Callable[[], None]) -> threading.Thread:
-    """Run ``action`` in a thread once ``progress`` is set (errors fail the test through the map)."""
+def fault_at(progress: threading.Event, action: Callable[[], None], errors: list[BaseException]) -> threading.Thread:
+    """Run ``action`` in a thread once ``progress`` is set; what it raises goes to ``errors``."""
 
     def run() -> None:
-        if progress.wait(30):
-            action()
+        try:
+            if progress.wait(30):
+                action()
+        except BaseException as exc:  # checked by the test once the map is over
+            errors.append(exc)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -236,7 +239,8 @@ def test_one_node_of_two_partitioned_mid_map_every_task_ends_once_in_order(net: 
             time.sleep(0.5)  # the fault's length, a third of the heartbeat timeout
             cut.heal()
 
-    faulting = fault_at(halfway, cut_the_link)
+    errors: list[BaseException] = []
+    faulting = fault_at(halfway, cut_the_link, errors)
     inputs = range(1500)
     started = time.monotonic()
     results = []
@@ -246,6 +250,7 @@ def test_one_node_of_two_partitioned_mid_map_every_task_ends_once_in_order(net: 
             halfway.set()
     elapsed = time.monotonic() - started
     faulting.join(15)
+    assert not faulting.is_alive() and not errors, errors
     assert results == [faulty.work(x) for x in inputs]
     assert elapsed < 30
     assert in_flight_at_cut and in_flight_at_cut[0] > 0, "the partitioned node had no task to lose"
