@@ -9,7 +9,12 @@ its target, as a router between two sites would:
   the cap, and past ``window`` queued bytes the link stops reading, so TCP's own back-pressure
   reaches the sender as it would behind a slow link;
 - :meth:`Link.partition` swallows every byte in both directions and keeps the connections
-  open (no FIN, no RST: a silent peer), :meth:`Link.heal` forwards again.
+  open (no FIN, no RST: a silent peer), :meth:`Link.heal` forwards again; with ``hold=True``
+  bytes are held instead of lost, as TCP would retransmit them across a dead route, so the
+  senders' buffers fill and back-pressure reaches them, and a heal delivers everything;
+- :meth:`Link.reset_after` resets the connections (RST, both sides) once a given number of
+  bytes more has crossed the link, the bytes up to that offset delivered first: a reset in the
+  middle of a frame; :meth:`Link.reset_all` resets them at once.
 
 One thread (:class:`LinkSimulator`) runs every link: a selector over all sockets and a heap of
 delivery times, so a hundred links cost one thread. Nodes run behind a link as they would
@@ -23,6 +28,7 @@ import heapq
 import itertools
 import selectors
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -30,6 +36,11 @@ from collections.abc import Callable
 
 READ_SIZE = 256 * 1024
 DEFAULT_WINDOW = 4 << 20
+# SO_LINGER on with a zero timeout: close() sends RST instead of FIN.
+RESET_LINGER = struct.pack("ii", 1, 0)
+# What a direction delivers besides bytes: the source's end of stream, or a reset.
+EOF = "eof"
+RESET = "reset"
 
 
 class _Direction:
@@ -42,7 +53,7 @@ class _Direction:
         self.sink = sink
         self.in_flight = 0  # bytes read and not yet written to the sink
         self.free_at = 0.0  # when the rate cap lets the next byte leave
-        self.ready: deque[memoryview] = deque()  # delivered, waiting for the sink to take them
+        self.ready: deque[memoryview | str] = deque()  # delivered, waiting for the sink (or EOF/RESET)
         self.eof = False  # the source closed: close the sink once everything is delivered
 
     def admit(self, data: bytes, now: float) -> float:
@@ -85,6 +96,9 @@ class Link:
         self.rate = rate
         self.window = window
         self.partitioned = False
+        self.hold = False  # a partition that holds bytes back instead of losing them
+        self.reset_in: int | None = None  # bytes until the connections are reset (None: never)
+        self.resets = 0  # connections reset so far (by reset_after or reset_all)
         self.connections: list[_Connection] = []
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -105,13 +119,49 @@ class Link:
         if rate is not False:
             self.rate = rate  # type: ignore[assignment]
 
-    def partition(self) -> None:
-        """Swallow every byte in both directions from now on; connections stay open."""
-        self.partitioned = True
+    def partition(self, hold: bool = False) -> None:
+        """Swallow every byte in both directions from now on; connections stay open.
+
+        With ``hold``, nothing is read or written instead: bytes wait in the kernels' buffers
+        (the senders block once those are full) and arrive, all of them, after :meth:`heal`."""
+        self.hold = hold
+        self.partitioned = not hold
+        if hold:
+            self.sim.call(self._refresh)
 
     def heal(self) -> None:
-        """Forward again (bytes swallowed meanwhile are gone, as on a real partition's far side)."""
+        """Forward again (bytes swallowed meanwhile are gone, as on a real partition's far side;
+        bytes held are delivered)."""
         self.partitioned = False
+        self.hold = False
+        self.sim.call(self._refresh)
+
+    def reset_after(self, nbytes: int) -> None:
+        """Reset the connection that carries the ``nbytes``-th byte from now (either direction):
+        the bytes before it are delivered, then both of its sockets send RST. Once."""
+        self.sim.call(lambda: setattr(self, "reset_in", max(1, nbytes)))
+
+    def reset_all(self) -> None:
+        """Reset every connection through this link now (RST to both sides)."""
+        self.sim.call(lambda: [self.sim.reset(connection) for connection in list(self.connections)])
+
+    def sources(self) -> list[str]:
+        """``host:port`` of each connection as the target sees it (its peer address)."""
+        found = []
+        for connection in list(self.connections):
+            try:
+                host, port = connection.upstream.getsockname()[:2]
+            except OSError:
+                continue
+            found.append(f"{host}:{port}")
+        return found
+
+    def _refresh(self) -> None:
+        for connection in list(self.connections):
+            for direction in (connection.up, connection.down):
+                if direction.ready:
+                    self.sim.write(connection, direction)
+            self.sim.interest(connection)
 
     def close(self) -> None:
         """Stop listening and close every connection through this link (thread-safe)."""
@@ -128,7 +178,7 @@ class LinkSimulator:
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
-        self._timers: list[tuple[float, int, _Direction, bytes | None]] = []
+        self._timers: list[tuple[float, int, _Direction, bytes | str]] = []
         self._order = itertools.count()
         self._calls: deque[Callable[[], None]] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -184,6 +234,18 @@ class LinkSimulator:
             pass
         sock.close()
 
+    def reset(self, connection: _Connection) -> None:
+        """Reset both sides of a connection: each peer gets RST, not FIN."""
+        if connection.closed:
+            return
+        connection.link.resets += 1
+        for sock in (connection.client, connection.upstream):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_LINGER)
+            except OSError:
+                pass
+        self.drop(connection)
+
     def drop(self, connection: _Connection) -> None:
         """Close both sides of a connection."""
         if connection.closed:
@@ -210,7 +272,7 @@ class LinkSimulator:
                     if events & selectors.EVENT_READ:
                         self._read(connection, sock)
                     if events & selectors.EVENT_WRITE and not connection.closed:
-                        self._write(connection, connection.up if sock is connection.upstream else connection.down)
+                        self.write(connection, connection.up if sock is connection.upstream else connection.down)
             self._deliver_due()
         for link in self.links:
             for connection in list(link.connections):
@@ -242,7 +304,7 @@ class LinkSimulator:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             connection = _Connection(link, client, upstream)
             link.connections.append(connection)
-            self._interest(connection)
+            self.interest(connection)
 
     def _direction_from(self, connection: _Connection, sock: socket.socket) -> _Direction:
         return connection.up if sock is connection.client else connection.down
@@ -259,15 +321,25 @@ class LinkSimulator:
         if not data:
             direction.eof = True
             if not link.partitioned:  # on a partition the FIN is lost too
-                self._schedule(direction, None, max(time.monotonic(), direction.free_at) + link.delay)
-            self._interest(connection)
+                self._schedule(direction, EOF, max(time.monotonic(), direction.free_at) + link.delay)
+            self.interest(connection)
             return
         if link.partitioned:
             return  # swallowed: the far side never hears of it, and nobody closes anything
-        self._schedule(direction, data, direction.admit(data, time.monotonic()))
-        self._interest(connection)
+        reset = False
+        if link.reset_in is not None:
+            if len(data) >= link.reset_in:
+                data, reset = data[: link.reset_in - 1], True
+                link.reset_in = None
+            else:
+                link.reset_in -= len(data)
+        if data:
+            self._schedule(direction, data, direction.admit(data, time.monotonic()))
+        if reset:  # after the bytes before the offset, in the same direction
+            self._schedule(direction, RESET, max(time.monotonic(), direction.free_at) + link.delay)
+        self.interest(connection)
 
-    def _schedule(self, direction: _Direction, data: bytes | None, when: float) -> None:
+    def _schedule(self, direction: _Direction, data: bytes | str, when: float) -> None:
         heapq.heappush(self._timers, (when, next(self._order), direction, data))
 
     def _deliver_due(self) -> None:
@@ -277,14 +349,21 @@ class LinkSimulator:
             connection = direction.connection
             if connection.closed:
                 continue
-            direction.ready.append(memoryview(data if data is not None else b""))  # b"": end of stream
-            self._write(connection, direction)
+            direction.ready.append(data if isinstance(data, str) else memoryview(data))
+            self.write(connection, direction)
 
-    def _write(self, connection: _Connection, direction: _Direction) -> None:
+    def write(self, connection: _Connection, direction: _Direction) -> None:
+        """Write what is ready for ``direction``'s sink (not while the link holds bytes back)."""
+        if connection.link.hold:
+            self.interest(connection)
+            return
         while direction.ready:
             view = direction.ready[0]
-            if not len(view):  # the source closed and everything before has gone out
-                self.drop(connection)
+            if isinstance(view, str):  # the source closed (or is reset) and everything before has gone out
+                if view == RESET:
+                    self.reset(connection)
+                else:
+                    self.drop(connection)
                 return
             try:
                 sent = direction.sink.send(view)
@@ -298,11 +377,11 @@ class LinkSimulator:
                 direction.ready[0] = view[sent:]
                 break
             direction.ready.popleft()
-        self._interest(connection)
+        self.interest(connection)
 
-    def _interest(self, connection: _Connection) -> None:
+    def interest(self, connection: _Connection) -> None:
         """Read a source while its direction holds less than the window and it has not ended;
-        wait to write to a sink while bytes are ready for it."""
+        wait to write to a sink while bytes are ready for it; neither while the link holds."""
         if connection.closed:
             return
         for sock, inbound, outbound in (
@@ -310,9 +389,11 @@ class LinkSimulator:
             (connection.upstream, connection.down, connection.up),
         ):
             events = 0
-            if not inbound.eof and inbound.in_flight < connection.link.window:
+            if connection.link.hold:
+                pass  # a dead route: nothing moves, the kernels' buffers fill
+            elif not inbound.eof and inbound.in_flight < connection.link.window:
                 events |= selectors.EVENT_READ
-            if outbound.ready:
+            if outbound.ready and not connection.link.hold:
                 events |= selectors.EVENT_WRITE
             current = connection.registered.get(sock, 0)
             if events == current:

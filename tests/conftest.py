@@ -60,16 +60,23 @@ class NodeProcess:
 
 
 def start_node(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 30.0, python_args: Sequence[str] = ()
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    python_args: Sequence[str] = (),
+    preexec_fn: Callable[[], None] | None = None,
 ) -> NodeProcess:
     """Start ``python PYTHON_ARGS -m clusterexec.node --port 0 ARGS`` and wait for its ready line
-    (stdout and stderr are merged into ``process.stdout``)."""
+    (stdout and stderr are merged into ``process.stdout``); ``preexec_fn`` runs in the child
+    before the node starts (to lower a resource limit, say)."""
     full_env = dict(os.environ)
     full_env.pop("CLUSTEREXEC_KEY", None)
     full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), full_env.get("PYTHONPATH", "")])
     full_env.update(env or {})
     cmd = [sys.executable, *python_args, "-m", "clusterexec.node", "--port", "0", *args]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
+    process = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, preexec_fn=preexec_fn
+    )
     lines: list[str] = []
     deadline = time.monotonic() + timeout
     assert process.stdout is not None

@@ -65,6 +65,18 @@ def log_run_and_block(log: str, release: str, timeout: float = 30.0) -> int:
     return os.getpid()
 
 
+def log_run_and_return_bulk(log: str, release: str, size: int, timeout: float = 30.0) -> bytes:
+    """As :func:`log_run_and_block`, then return ``size`` bytes: a large result, sent once released."""
+    log_run_and_block(log, release, timeout)
+    return b"r" * size
+
+
+def paced(x: int, seconds: float = 0.002) -> int:
+    """:func:`work` after a sleep of ``seconds``: a map of these lasts long enough to fault it."""
+    time.sleep(seconds)
+    return work(x)
+
+
 def runs(log: str | Path) -> list[int]:
     """The pids written by :func:`log_run_and_block` or :func:`die`, one per run."""
     path = Path(log)

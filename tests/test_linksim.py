@@ -1,4 +1,4 @@
-"""The link simulator (``benchmarks/linksim.py``): delay, rate cap, partition and heal.
+"""The link simulator (``benchmarks/linksim.py``): delay, rate cap, partition and heal, resets.
 
 An echo server on loopback is the target; every byte goes through a real :class:`Link` and
 comes back. Times are checked as lower bounds (a link may be slower on a loaded machine, never
@@ -170,6 +170,84 @@ def test_a_partition_also_hides_a_closed_connection(sim: LinkSimulator) -> None:
         close_now.set()
         assert not readable(sock, 0.5)  # the far end's close never arrives
     server.close()
+
+
+def test_a_holding_partition_delivers_everything_after_the_heal(sim: LinkSimulator, echo: tuple[str, int]) -> None:
+    link = sim.link(echo, delay=0.001)
+    with connect(link.address) as sock:
+        round_trip(sock)
+        link.partition(hold=True)
+        sock.sendall(b"held")
+        assert not readable(sock, 0.5)
+        # Nothing is read from a held link: a sender fills the kernels' buffers, then blocks.
+        sock.setblocking(False)
+        sent = 0
+        try:
+            while sent < 64 << 20:
+                sent += sock.send(b"y" * 65536)
+        except BlockingIOError:
+            pass
+        sock.setblocking(True)
+        assert sent < 64 << 20, "a held link kept reading"
+        link.heal()
+        assert receive_exactly(sock, 4) == b"held"  # every byte, in order
+        assert receive_exactly(sock, sent) == b"y" * sent
+
+
+def reset_seen(sock: socket.socket, within: float = 5.0) -> bytes:
+    """Read until the connection ends; return what arrived. Fails unless it ends with a reset."""
+    sock.settimeout(within)
+    out = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except ConnectionResetError:
+            return bytes(out)
+        assert chunk, "the connection ended with FIN, not RST"
+        out += chunk
+
+
+@pytest.mark.parametrize("offset", [1, 1000, 300_000])
+def test_reset_after_delivers_the_bytes_before_the_offset_then_resets_both_sides(
+    sim: LinkSimulator, offset: int
+) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    link = sim.link(server.getsockname()[:2])
+    with connect(link.address) as sock:
+        upstream, _ = server.accept()
+        link.reset_after(offset)
+        payload = os.urandom(offset + 5000)
+        threading.Thread(target=upstream.sendall, args=(payload,), daemon=True).start()
+        got = reset_seen(sock)
+        # The bytes before the offset arrive, then the reset. As on a real network, a reset
+        # discards what the receiver's kernel had not taken yet: all of it for a small offset.
+        assert got == payload[: len(got)] and len(got) <= offset - 1
+        if offset < 1 << 16:
+            assert len(got) == offset - 1
+        upstream.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            upstream.recv(1)  # the other side was reset too
+        upstream.close()
+    assert link.resets == 1
+    # Once: a new connection through the link is not reset.
+    with connect(link.address) as sock:
+        upstream, _ = server.accept()
+        upstream.sendall(b"fine")
+        assert receive_exactly(sock, 4) == b"fine"
+        upstream.close()
+    server.close()
+
+
+def test_reset_all_resets_every_connection(sim: LinkSimulator, echo: tuple[str, int]) -> None:
+    link = sim.link(echo)
+    socks = [connect(link.address) for _ in range(3)]
+    for sock in socks:
+        round_trip(sock)
+    link.reset_all()
+    for sock in socks:
+        assert reset_seen(sock) == b""
+        sock.close()
+    assert link.resets == 3
 
 
 def test_a_node_behind_a_delayed_link_runs_a_map(

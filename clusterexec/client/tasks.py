@@ -193,6 +193,8 @@ class UnseenFailures:
 
     def note(self, future: TaskFuture, task_id: int, error: BaseException) -> None:
         """Remember a task that failed through no fault of its own code."""
+        if future._seen:
+            return
         with self._lock:
             if len(self._failures) < self.LIMIT:
                 record: list[Any] = [task_id, str(error).splitlines()[0], False]
@@ -201,12 +203,6 @@ class UnseenFailures:
                 self._failures.append(record)
             else:
                 self._more += 1
-
-    def forget(self, future: TaskFuture) -> None:
-        """``future``'s failure was looked at: no report for it, even once it is collected."""
-        if self._failures:  # read without the lock: a failure noted a moment ago is found next time
-            with self._lock:
-                self._failures = [entry for entry in self._failures if entry[0]() is not future]
 
     def report(self) -> str | None:
         """What to tell the user at exit, or None if every such failure was looked at."""

@@ -238,7 +238,7 @@ class Acceptor:
     def _evict(self, among: dict[int, Pending], why: str) -> bool:
         """Close the oldest connection of ``among`` that has sent nothing (else the oldest) to
         make room; return False if there was none."""
-        victim = next((fd for fd, pending in among.items() if not pending.heard), None)
+        victim = next((fd for fd, pending in among.items() if not _has_spoken(pending)), None)
         if victim is None:
             victim = next(iter(among), None)
         if victim is None:
@@ -326,3 +326,19 @@ class Acceptor:
         if not self._paused_until:
             self.poller.unregister(self.listener.fileno())
         self.listener.close()
+
+
+def _has_spoken(pending: Pending) -> bool:
+    """Whether the peer has sent anything, read or not yet read: a client's first bytes may
+    wait in the kernel behind a flood of accepts, and must not make it look idle."""
+    if pending.heard:
+        return True
+    try:
+        # The kernel's socket under a TLS wrapper too: a peek reads nothing.
+        data = socket.socket.recv(pending.sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False  # reset: as good as idle
+    pending.heard = bool(data)  # b"": closed, nothing to protect
+    return pending.heard

@@ -118,7 +118,8 @@ class Node(NodeHost):
             self.poller, self.want_write, self._forget_channel, self.timer_at, self._end_session_of
         )
         self.stopping = False
-        self.started = time.time()
+        self.started = time.time()  # a date, for clients to show; uptime is measured monotonically
+        self._started_monotonic = time.monotonic()
         # Timers (handshake deadlines, kill deadlines, session ticks) are scanned only when the
         # earliest of them is due, and children are reaped only after a signal: an idle loop
         # iteration costs one epoll_wait, not a scan and a wait4.
@@ -153,7 +154,7 @@ class Node(NodeHost):
         return {
             **extra,
             **self.describe(),
-            "uptime": time.time() - self.started,
+            "uptime": time.monotonic() - self._started_monotonic,
             "workers": self.workers_per_session,
             "sessions": len(opened),
             "busy": self.slots.in_use,
