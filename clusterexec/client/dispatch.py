@@ -79,15 +79,16 @@ class Dispatcher:
             while queue and len(ledger.inflight) < link.workers:
                 self._send(link, ledger, queue.popleft())
         if prefetch:
-            active = ready
+            # Each node's capacity, read once per turn: it moves with the pace of results only.
+            active = [(link, ledger, ledger.capacity(link.workers)) for link, ledger in ready]
             while queue and active:
                 still = []
-                for link, ledger in active:
+                for link, ledger, capacity in active:
                     if not queue:
                         break
-                    if len(ledger.inflight) < ledger.capacity(link.workers):
+                    if len(ledger.inflight) < capacity:
                         self._send(link, ledger, queue.popleft())
-                        still.append((link, ledger))
+                        still.append((link, ledger, capacity))
                 active = still
         if self.book.pinned_waiting:
             self.book.pinned_waiting = any(ledger.pinned for _, ledger in self.nodes)

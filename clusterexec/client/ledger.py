@@ -46,6 +46,7 @@ class NodeLedger:
         self.functions: OrderedDict[bytes, int] = OrderedDict()  # digest -> size, least recent first
         self.function_refs: dict[bytes, int] = {}  # digest -> tasks in flight that use it
         self.modules_sent: set[bytes] = set()
+        self.preloaded = False  # whether the session was sent the executor's preloaded modules
         self.status_waiters: list[Reply] = []
         # Tasks sent ahead of the free workers and not known to have started: those can still be
         # taken back (withdrawn) for an idle worker elsewhere. Oldest first.
@@ -70,6 +71,7 @@ class NodeLedger:
         self.functions.clear()
         self.function_refs.clear()
         self.modules_sent.clear()
+        self.preloaded = False
         self.ahead.clear()
         self.withdrawing = 0
         waiters, self.status_waiters = self.status_waiters, []
@@ -196,8 +198,14 @@ class NodeLedger:
         self, preload: tuple[ModuleSource, ...], needed: tuple[ModuleSource, ...]
     ) -> list[ModuleSource]:
         """The module sources the session lacks, each once, now counted as shipped."""
+        if self.preloaded:
+            if not needed:
+                return []  # most tasks: their modules went with the first task of the session
+        else:
+            self.preloaded = True
+            needed = preload + needed
         sent = self.modules_sent
-        missing = [m for m in preload + needed if m.digest not in sent]
+        missing = [m for m in needed if m.digest not in sent]
         if not missing:
             return missing
         unique = list({m.digest: m for m in missing}.values())
