@@ -156,3 +156,15 @@ def test_big_writable_arrays_are_served_copy_on_write(order: str) -> None:
     assert np.array_equal(first, array) and np.array_equal(second, array)
     first[0, 0] = -1  # each task's writes are its own
     assert second[0, 0] == 0 and held.for_task().args[0][0, 0] == 0
+
+
+def test_large_captured_bytes_travel_out_of_band_and_come_back_as_bytes() -> None:
+    from clusterexec.code.captures import CallableTemplate as Template
+    from clusterexec.code.serialize import pickle_function
+
+    data = bytes(range(256)) * 4096  # 1 MiB
+    payload = pickle_function(functools.partial(helpers.first_byte_plus, data)).payload
+    assert len(payload.body) < 64 * 1024 and sum(len(memoryview(b)) for b in payload.buffers) >= len(data)
+    held = Template(payload.body, [bytearray(b) for b in payload.buffers])
+    task = held.for_task()
+    assert held.mode is Mode.SHARED and type(task.args[0]) is bytes and task.args[0] == data

@@ -31,7 +31,7 @@ import types
 from collections.abc import Callable
 from typing import Any, Literal
 
-from clusterexec.code.serialize import loads
+from clusterexec.code.serialize import loads_function
 
 # Items looked at, at most, to classify one callable's captures; past that, it is unpickled
 # for every task (never wrong, only slower).
@@ -228,7 +228,7 @@ class CallableTemplate:
         make = self._make
         if make is not None:
             return make()
-        fn = loads(self.body, self.buffers)
+        fn = loads_function(self.body, self.buffers)
         self.mode, self._make = plan(fn, self.body, self.buffers, self.budget)
         if self.mode is Mode.UNPICKLED:
             return fn  # freshly unpickled: this task may have it
@@ -247,7 +247,7 @@ def plan(fn: Any, body: Any, buffers: Any, budget: int = BUDGET) -> tuple[Mode, 
         maker = None
     if maker is not None:
         return Mode.COPIED, maker
-    return Mode.UNPICKLED, lambda: loads(body, buffers)
+    return Mode.UNPICKLED, lambda: loads_function(body, buffers)
 
 
 def _copying_maker(scan: _Scan, fn: Any) -> Callable[[], Any] | None:

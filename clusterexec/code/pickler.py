@@ -7,6 +7,7 @@ imports this module only when it pickles something richer than a scalar, and a n
 from __future__ import annotations
 
 import io
+import pickle
 import sys
 import types
 from typing import Any
@@ -83,6 +84,38 @@ class ShippingPickler(cloudpickle.Pickler):
             constructor, args = _reduce_code(obj)
             return _code_in_file, (constructor, args, obj.co_filename)
         return super().reducer_override(obj)
+
+
+# A bytes object at least this large that a callable captures travels out of band.
+BIG_BYTES = 64 * 1024
+_BIG_BYTES_ID = "clusterexec.bytes"
+
+
+class CapturePickler(ShippingPickler):
+    """The pickler of callables: as :class:`ShippingPickler`, and large ``bytes`` go out of band.
+
+    The C pickler writes ``bytes`` straight into the stream without asking
+    ``reducer_override``, so a captured 1 GiB bytes object would be copied into the pickle (and
+    the frame carrying it). ``persistent_id`` sees every object first: a large one is named by a
+    persistent id holding a ``PickleBuffer`` of it, which protocol 5 sends out of band.
+    :class:`CaptureUnpickler` rebuilds the bytes. Asked for every object, so used only for the
+    callable, pickled once per executor, not for arguments and results."""
+
+    def persistent_id(self, obj: Any) -> Any:
+        """A persistent id for a large bytes object, None (pickle as usual) for anything else."""
+        if type(obj) is bytes and len(obj) >= BIG_BYTES:
+            return (_BIG_BYTES_ID, pickle.PickleBuffer(obj))
+        return None
+
+
+class CaptureUnpickler(pickle.Unpickler):
+    """Loads what :class:`CapturePickler` wrote: large bytes come back from their buffers."""
+
+    def persistent_load(self, pid: Any) -> Any:
+        """The bytes a persistent id names; raises UnpicklingError for any other id."""
+        if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == _BIG_BYTES_ID:
+            return bytes(pid[1])
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.80}")
 
 
 _reduce_code = getattr(cloudpickle.cloudpickle, "_code_reduce", None)

@@ -81,9 +81,12 @@ def _keep_small_in_band(buffer: pickle.PickleBuffer) -> bool:
 _NO_SHIPPING = ModuleCatalog(auto=False)
 
 
-def dumps(obj: object, catalog: ModuleCatalog | None = None) -> Payload:
+def dumps(obj: object, catalog: ModuleCatalog | None = None, captures: bool = False) -> Payload:
     """Pickle ``obj`` (cloudpickle, protocol 5, large buffers out of band), noting the user
     modules it needs when a ``catalog`` is given.
+
+    With ``captures`` (a callable's pickle, loaded with :func:`loads_function`), large ``bytes``
+    travel out of band too, so that state a function captures is never copied into the stream.
 
     Raises whatever pickling raises (``PicklingError``, ``TypeError``...).
     """
@@ -95,11 +98,11 @@ def dumps(obj: object, catalog: ModuleCatalog | None = None) -> Payload:
         buffers.append(buffer)
         return False
 
-    from clusterexec.code.pickler import ShippingPickler, needed_sources
+    from clusterexec.code.pickler import CapturePickler, ShippingPickler, needed_sources
 
     catalog = catalog or _NO_SHIPPING
     out = io.BytesIO()
-    pickler = ShippingPickler(out, catalog, buffer_callback=collect)
+    pickler = (CapturePickler if captures else ShippingPickler)(out, catalog, buffer_callback=collect)
     pickler.dump(obj)
     modules = needed_sources(catalog, pickler) if catalog.auto else ()
     blocker = catalog.main_rerun_blocker if pickler.main_by_value else None
@@ -125,6 +128,13 @@ def loads(body: Any, buffers: Any = ()) -> Any:
     return pickle.loads(body, buffers=buffers)
 
 
+def loads_function(body: Any, buffers: Any = ()) -> Any:
+    """Unpickle a callable pickled by :func:`pickle_function` (``dumps(captures=True)``)."""
+    from clusterexec.code.pickler import CaptureUnpickler
+
+    return CaptureUnpickler(io.BytesIO(body), buffers=buffers).load()
+
+
 def digest_of(payload: Payload) -> bytes:
     """A 16-byte BLAKE2b digest of a payload, buffers included."""
     h = hashlib.blake2b(payload.body, digest_size=DIGEST_SIZE)
@@ -135,7 +145,7 @@ def digest_of(payload: Payload) -> bytes:
 
 def pickle_function(fn: Callable[..., Any], catalog: ModuleCatalog | None = None) -> FunctionPayload:
     """Pickle a callable once and name it by digest."""
-    payload = dumps(fn, catalog)
+    payload = dumps(fn, catalog, captures=True)
     return FunctionPayload(digest_of(payload), payload)
 
 
