@@ -1003,9 +1003,11 @@ def compile_bytecode() -> None:
 
     import clusterexec
 
-    for folder in (Path(clusterexec.__file__).resolve().parent, HERE):
+    # The package's subfolders too (wire/, node/, client/...): since the package has rooms, a
+    # top-level-only compile left a node's start compiling most of what it imports.
+    for folder, levels in ((Path(clusterexec.__file__).resolve().parent, None), (HERE, 0)):
         try:
-            compileall.compile_dir(str(folder), quiet=1, maxlevels=0)
+            compileall.compile_dir(str(folder), quiet=1, maxlevels=levels)
         except OSError as exc:  # a read-only install: its bytecode was compiled when installed
             progress(f"could not compile {folder} to bytecode ({exc}); startup figures include compiling it")
 
