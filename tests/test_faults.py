@@ -18,11 +18,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, wait
-from concurrent.futures._base import FINISHED
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ import helpers
 import psutil
 import pytest
 from conftest import NodeProcess, start_node, wait_until
+from outcomes import assert_settled, track
 
 from clusterexec import (
     BrokenCluster,
@@ -73,30 +72,6 @@ def kill9(node: NodeProcess) -> None:
     """SIGKILL a node and reap it."""
     node.process.kill()
     node.process.wait(10)
-
-
-def track(futures: Iterable[Future[Any]]) -> dict[Future[Any], int]:
-    """Count how many times each future completes (its done callbacks run once per completion)."""
-    counts: dict[Future[Any], int] = {}
-    lock = threading.Lock()
-
-    def done(future: Future[Any]) -> None:
-        with lock:
-            counts[future] += 1
-
-    for future in futures:
-        counts[future] = 0
-        future.add_done_callback(done)
-    return counts
-
-
-def assert_settled(counts: dict[Future[Any], int], timeout: float = 15.0) -> None:
-    """Every tracked future ended once, with a result or an error: none pending or cancelled."""
-    _, not_done = wait(counts, timeout=timeout)
-    assert not not_done, f"{len(not_done)} futures still pending {timeout}s after the fault"
-    for future, count in counts.items():
-        assert future._state == FINISHED, future._state  # not cancelled
-        assert count == 1, f"a future completed {count} times"
 
 
 def transitions(caplog: pytest.LogCaptureFixture, node: NodeProcess) -> list[tuple[str, str]]:

@@ -23,8 +23,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, wait
-from concurrent.futures._base import FINISHED
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import helpers
 import psutil
 import pytest
 from conftest import NodeProcess, wait_until
+from outcomes import assert_settled, track
 
 from clusterexec import BrokenCluster, ClusterExecutor
 from clusterexec.client.report import NodeStatus
@@ -94,30 +94,6 @@ def status(ex: ClusterExecutor, link: Link) -> NodeStatus:
     """What ``ex.nodes`` says of the node behind ``link``."""
     (found,) = [entry for entry in ex.nodes if entry.address == link.address]
     return found
-
-
-def track(futures: list[Future[Any]]) -> dict[Future[Any], int]:
-    """Count how many times each future completes (done callbacks run once per completion)."""
-    counts: dict[Future[Any], int] = {}
-    lock = threading.Lock()
-
-    def done(future: Future[Any]) -> None:
-        with lock:
-            counts[future] += 1
-
-    for future in futures:
-        counts[future] = 0
-        future.add_done_callback(done)
-    return counts
-
-
-def assert_settled(counts: dict[Future[Any], int], timeout: float = 20.0) -> None:
-    """Every tracked future ended exactly once, with a result or an error."""
-    _, not_done = wait(counts, timeout=timeout)
-    assert not not_done, f"{len(not_done)} futures still pending {timeout}s after the fault"
-    for future, count in counts.items():
-        assert future._state == FINISHED, future._state
-        assert count == 1, f"a future completed {count} times"
 
 
 def started_runs(log: Path, count: int, timeout: float = 15.0) -> list[int]:
@@ -298,7 +274,7 @@ def test_client_partitioned_from_every_node_fails_with_broken_cluster_after_the_
     assert 1.0 + 1.5 - 0.3 <= took < 1.0 + 1.5 + 3.0, took
     with pytest.raises(BrokenCluster):
         ex.submit(helpers.square, 1)
-    assert_settled(counts)
+    assert_settled(counts, timeout=20.0)
     stop = time.monotonic()
     ex.shutdown(wait=True)
     assert time.monotonic() - stop < 5.0
@@ -395,7 +371,7 @@ def test_node_restarted_on_its_address_during_a_partition_is_used_after_the_heal
     cut.heal()
     wait_until(lambda: status(ex, cut).state == "ready", 15, "the restarted node to be used")
     assert [f.result(timeout=30) for f in futures] == [faulty.work(x) for x in range(1200)]
-    assert_settled(counts)
+    assert_settled(counts, timeout=20.0)
     assert ex.submit_to(cut.address, os.getpid).result(timeout=10) in {p.pid for p in children(again)}
     assert ex.stats().reruns > 0
 
@@ -430,7 +406,7 @@ def test_client_returning_after_a_partition_gets_each_outcome_once(net: Net, par
     net.release.touch()
     assert [f.result(timeout=20) for f in quick] == [x * x for x in range(20)]
     pids = [f.result(timeout=20) for f in blocked]
-    assert_settled(counts)
+    assert_settled(counts, timeout=20.0)
     stats = ex.stats()
     # Results of the old session never reach the new one: nothing is delivered twice.
     assert stats.late_results == 0
