@@ -348,11 +348,15 @@ def test_node_killed_during_map_every_result_once_in_order(cluster: Cluster) -> 
     inputs = range(10_000)
     results = []
     in_flight_at_kill = -1
-    for i, value in enumerate(ex.map(faulty.work, inputs)):
+    # Killed past the middle, at a moment it holds tasks (at any one instant a node may have
+    # just returned everything it had); buffersize keeps tasks flowing while results are read.
+    for i, value in enumerate(ex.map(faulty.work, inputs, buffersize=400)):
         results.append(value)
-        if i == len(inputs) // 2:
-            in_flight_at_kill = status(ex, second).in_flight
-            kill9(second)
+        if in_flight_at_kill < 0 and i >= len(inputs) // 2:
+            held = status(ex, second).in_flight
+            if held > 0:
+                in_flight_at_kill = held
+                kill9(second)
     assert results == [faulty.work(x) for x in inputs]
     assert in_flight_at_kill > 0  # the killed node had tasks to give back
     lost = status(ex, second)
