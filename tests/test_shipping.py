@@ -861,7 +861,8 @@ def test_syntax_error_in_shipped_source_fails_the_future_naming_the_module(
     # (a BrokenProcessPool, as ProcessPoolExecutor reports it) that names the SyntaxError.
     assert facts["type"] == "TaskUnpicklingError" and "(SyntaxError: " in facts["message"], facts
     assert "broken.py" in facts["message"] or any("broken" in n for n in facts["notes"]), facts
-    assert any("module broken" in n for n in facts["notes"]), facts
+    if sys.version_info >= (3, 11):  # exception notes exist from 3.11; on 3.10 the message names the file
+        assert any("module broken" in n for n in facts["notes"]), facts
     assert value(result["after"]) == 42  # the executor still works
 
 
