@@ -27,11 +27,13 @@ from clusterexec.wire.messages import (
     BYE,
     CANCEL,
     CANCELLED,
+    FLAG_RUNNING,
     FUNC,
     PING,
     RESULT,
     RESULT_HEAD,
     SESSION,
+    STARTED,
     STATUS_OK,
     TASK,
     TASK_HEAD,
@@ -41,6 +43,7 @@ from clusterexec.wire.messages import (
     pack_ids,
     pack_json,
     unpack_cancelled,
+    unpack_ids,
     unpack_json,
 )
 from clusterexec.wire.sealing import PlainOpener, PlainSealer
@@ -207,6 +210,22 @@ def test_a_result_from_a_worker_is_forwarded_and_counted(harness: Harness) -> No
     assert (harness.session.tasks_done, harness.host.tasks_run) == (1, 1)
     assert not worker.outstanding
     assert harness.host.slots.in_use == harness.session.held == 0  # its slot is free again
+
+
+def test_started_is_reported_for_a_task_sent_ahead_but_not_for_one_the_client_counts_running(
+    harness: Harness,
+) -> None:
+    harness.open()
+    harness.from_client(FUNC, DIGEST + b"f")
+    harness.from_client(TASK, TASK_HEAD.pack(7, DIGEST, FLAG_RUNNING) + b"args")  # to a free worker
+    harness.to_client()
+    assert harness.session.started == {} and not harness.session.started_due  # no timer armed for it
+    harness.from_client(TASK, task(8))  # sent ahead: the client wants to hear that it started
+    later = harness.session.started_due
+    assert later
+    harness.session.tick(later)
+    reports = [m for m in harness.to_client() if m.kind == STARTED]
+    assert [unpack_ids(m.body) for m in reports] == [[8]]
 
 
 def test_cancel_of_a_queued_task_answers_cancelled(harness: Harness) -> None:

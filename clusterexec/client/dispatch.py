@@ -18,6 +18,7 @@ from clusterexec.errors import ClusterError
 from clusterexec.wire.compression import pack
 from clusterexec.wire.messages import (
     CANCEL,
+    FLAG_RUNNING,
     FLAG_TIMEOUT,
     FORGET,
     FUNC,
@@ -163,10 +164,11 @@ class Dispatcher:
             channel.send(FUNC, function.digest + code.body, code.buffers)
         # Usually packed already, by the submitting thread (see ClusterExecutor._queue).
         args = task.payload.packed(link.codec) if link.codec else task.payload
+        flags = task.flags | FLAG_RUNNING if to_idle else task.flags
         if task.timeout is None:
-            head = TASK_HEAD.pack(task.task_id, function.digest, task.flags)
+            head = TASK_HEAD.pack(task.task_id, function.digest, flags)
         else:
-            head = TASK_HEAD.pack(task.task_id, function.digest, task.flags | FLAG_TIMEOUT)
+            head = TASK_HEAD.pack(task.task_id, function.digest, flags | FLAG_TIMEOUT)
             head += TIMEOUT_HEAD.pack(min(max(1, round(task.timeout * 1000)), 0xFFFFFFFF))
         channel.send(TASK, head + args.body, args.buffers)
         self.book.dirty[link] = ledger

@@ -19,7 +19,7 @@ from clusterexec.node.host import NodeHost, WorkerOwner, WorkerProcess, WorkerSt
 from clusterexec.node.request import SessionRequest
 from clusterexec.wire.channel import Channel
 from clusterexec.wire.frames import Message
-from clusterexec.wire.messages import FLAG_TIMEOUT, FORGET, FUNC, STOP, TASK, TASK_HEAD, task_timeout
+from clusterexec.wire.messages import FLAG_RUNNING, FLAG_TIMEOUT, FORGET, FUNC, STOP, TASK, TASK_HEAD, task_timeout
 from clusterexec.wire.sealing import PlainOpener, PlainSealer
 
 
@@ -73,7 +73,9 @@ class WorkerPool:
 
     def give(self, worker: WorkerProcess, message: Message) -> int:
         """Send a TASK message to ``worker``, its function first if the worker lacks it; return
-        the task's id. Raises ProtocolError for a task whose function the client never sent."""
+        the task's id, or -1 if the client counts it as running already (FLAG_RUNNING: no
+        STARTED report for it). Raises ProtocolError for a task whose function the client
+        never sent."""
         task_id, digest, flags = TASK_HEAD.unpack_from(message.body, 0)
         if flags & FLAG_TIMEOUT:  # it runs alone on this worker: its clock starts now
             worker.timeout = task_timeout(message.body, flags)
@@ -91,7 +93,7 @@ class WorkerPool:
         worker.outstanding.append((task_id, message))
         worker.assigned += 1
         self.node.want_write(worker.channel)
-        return task_id
+        return -1 if flags & FLAG_RUNNING else task_id
 
     def forget(self, digest: bytes) -> None:
         """The client dropped a function: forget it, and have the workers that hold it forget it."""

@@ -288,7 +288,9 @@ class Session:
     def _give(self, worker: WorkerProcess, message: Message) -> None:
         if not worker.outstanding:
             self._hold(worker)  # released when its last task ends, or it dies
-        self.started[self.pool.give(worker, message)] = None
+        task_id = self.pool.give(worker, message)
+        if task_id >= 0:
+            self.started[task_id] = None  # reported STARTED if it still runs STARTED_DELAY from now
 
     def _hold(self, worker: WorkerProcess) -> None:
         worker.holds_slot = True

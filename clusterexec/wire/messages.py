@@ -100,6 +100,9 @@ SIGNAL_HEAD = struct.Struct("!B")  # how to stop the session's workers: WORKERS_
 FLAG_CHUNK = 1
 FLAG_TIMEOUT = 2  # TIMEOUT_HEAD follows TASK_HEAD: the node kills a worker running it past that
 TIMEOUT_HEAD = struct.Struct("!I")  # milliseconds the task may run on its worker
+# Sent to a free worker: the client counts it as running already, so the node reports no
+# STARTED for it (and arms no timer to: a lone task's round trip wakes the node once less).
+FLAG_RUNNING = 4
 
 
 def task_payload_offset(flags: int) -> int:
