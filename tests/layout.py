@@ -44,12 +44,13 @@ ROOMS: dict[str, tuple[str, frozenset[str]]] = {
     "wire": ("the client I/O thread, the node and its workers", _may("errors", "wire")),
     "code": ("the client, and the node's workers", _may("errors", "wire", "code")),
     "node": (
-        "`python -m clusterexec.node` and the workers it forks",
+        "`python -m clusterexec.node` and the workers it starts; the local executor's client I/O thread, "
+        "which hosts its node",
         _may("wire", "code", "keys", "errors", "_version", "node"),
     ),
     "client": (
         "the user's program: user threads and the client I/O thread",
-        _may("wire", "code", "launch", "keys", "errors", "_version", "client"),
+        _may("wire", "code", "launch", "node", "keys", "errors", "_version", "client"),
     ),
     "launch": ("the user's program, to start and name nodes", _may("wire", "keys", "errors", "_version", "launch")),
     "cli": ("the `clusterexec` command", _may(*EVERY_ROOM)),

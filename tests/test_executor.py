@@ -122,8 +122,45 @@ def solo(node_factory, key_file: Path) -> Iterator[ClusterExecutor]:
 # --------------------------------------------------------------------------- construction
 
 
+def hosted_workers() -> list[psutil.Process]:
+    """The workers of a node hosted by this process (``ClusterExecutor(N)``): its children that
+    serve a worker's channel."""
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if any("serve_spawned" in part for part in child.cmdline()):
+                found.append(child)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
 @pytest.mark.timeout(30)
-def test_int_argument_starts_a_local_node_with_that_many_workers(tmp_path: Path) -> None:
+def test_int_argument_runs_that_many_workers_under_this_process_with_no_node_process(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    listening_before = [c for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    with ClusterExecutor(2) as ex:
+        # Two tasks run at the same time: both workers are there.
+        started = [tmp_path / "started-0", tmp_path / "started-1"]
+        futures = [ex.submit(helpers.block_pid, str(path), str(release)) for path in started]
+        wait_until(lambda: all(path.exists() for path in started), what="two tasks running at once")
+        assert local_nodes() == []  # the node is hosted by this process: no node process,
+        workers = hosted_workers()
+        assert len(workers) == 2  # its two workers are children of this process,
+        listening = [c for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        assert listening == listening_before  # and nothing listens for them
+        release.touch()
+        assert {f.result(timeout=10) for f in futures} == {w.pid for w in workers}
+        assert [(n.address, n.workers) for n in ex.nodes] == [("local", 2)]
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+
+
+@pytest.mark.timeout(30)
+def test_a_local_node_process_on_request_has_that_many_workers_and_a_fresh_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLUSTEREXEC_LOCAL_NODE", "process")
     release = tmp_path / "release"
     with ClusterExecutor(2) as ex:
         (node,) = local_nodes()
@@ -636,7 +673,20 @@ def test_interpreter_exit_completes_pending_work(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_garbage_collected_executor_stops_its_local_node() -> None:
+def test_garbage_collected_executor_stops_its_workers() -> None:
+    ex = ClusterExecutor(2)
+    assert ex.submit(helpers.square, 3).result(timeout=10) == 9
+    workers = hosted_workers()
+    assert len(workers) == 2
+    del ex
+    gc.collect()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+
+
+@pytest.mark.timeout(30)
+def test_garbage_collected_executor_stops_its_local_node_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLUSTEREXEC_LOCAL_NODE", "process")
     ex = ClusterExecutor(2)
     assert ex.submit(helpers.square, 3).result(timeout=10) == 9
     (node,) = local_nodes()

@@ -19,6 +19,7 @@ from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 from clusterexec.client.health import check_nodes
+from clusterexec.client.inprocess import HostedLink
 from clusterexec.client.lifetime import interpreter_exiting, stop_scheduler, track
 from clusterexec.client.link import NodeLink, SessionRequest, no_node_error
 from clusterexec.client.mapping import map_tasks
@@ -33,7 +34,7 @@ from clusterexec.code.serialize import FunctionPayload, Payload, dumps, dumps_ca
 from clusterexec.code.shipping import ModuleCatalog, rerunning_main
 from clusterexec.errors import BrokenCluster, ConfigurationError
 from clusterexec.keys import resolve_key
-from clusterexec.launch.local import LocalNode
+from clusterexec.launch.local import LOCAL_NODE_ENV, LocalNode
 from clusterexec.launch.specs import (
     ALL_GROUP,
     DEFAULT_PORT,
@@ -43,6 +44,7 @@ from clusterexec.launch.specs import (
     read_cluster_file,
     resolve_nodes,
 )
+from clusterexec.node.hosted import can_host
 from clusterexec.wire.compression import check_codec
 from clusterexec.wire.messages import WORKERS_KILL, WORKERS_TERMINATE
 
@@ -136,13 +138,7 @@ class ClusterExecutor(Executor):
             nodes = read_cluster_file(cluster, ALL_GROUP)
         if nodes is None:
             self._max_workers = max_workers or os.cpu_count() or 1
-            local = LocalNode(self._max_workers)
-            self._closers.append(local.stop)
-            links = [
-                NodeLink(
-                    local.address, local.key, request, self._max_workers, connect_timeout, compression=self._compression
-                )
-            ]
+            links = [self._local_link(request, connect_timeout)]
         elif is_slurm_start(nodes):
             explicit_key = resolve_key(key, key_file) if key is not None or key_file is not None else None
             args = (max_workers, request, connect_timeout, self._compression, self._closers)
@@ -175,6 +171,17 @@ class ClusterExecutor(Executor):
         self._check_connected()
         if nodes is not None and not self._max_workers:
             self._max_workers = sum(link.workers for link in links)
+
+    def _local_link(self, request: SessionRequest, connect_timeout: float) -> NodeLink:
+        """The link to the local node: hosted by the I/O thread where the platform allows (no
+        node process between the client and its workers), else a node process on loopback."""
+        if can_host() and os.environ.get(LOCAL_NODE_ENV, "") != "process":
+            return HostedLink(request, self._max_workers, compression=self._compression)
+        local = LocalNode(self._max_workers)
+        self._closers.append(local.stop)
+        return NodeLink(
+            local.address, local.key, request, self._max_workers, connect_timeout, compression=self._compression
+        )
 
     @classmethod
     def from_cluster_file(

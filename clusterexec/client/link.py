@@ -13,6 +13,7 @@ import enum
 import errno
 import logging
 import platform
+import select
 import selectors
 import socket
 import ssl
@@ -435,3 +436,27 @@ def no_node_error(errors: Iterable[Exception]) -> Exception:
         return NodeFullError("every node is full, so no task can run:\n" + "\n".join(f"  {e}" for e in errors))
     lines = "\n".join(f"  {e}" for e in errors) or "  (no node answered in time)"
     return NodeUnreachableError(f"no clusterexec node could be used:\n{lines}")
+
+
+def all_lost_for(links: list[NodeLink], window: float, now: float) -> bool:
+    """Whether every link has been down for at least ``window`` seconds."""
+    return all(
+        link.state is not LinkState.READY and link.down_since and now - link.down_since >= window for link in links
+    )
+
+
+def lost_summary(links: list[NodeLink]) -> str:
+    """Why the cluster is broken: every node and why it was lost."""
+    lines = [f"  {link.name}: {link.loss_reason or link.error}" for link in links]
+    return "every node of the cluster is lost; no task can run:\n" + "\n".join(lines)
+
+
+def readable(sock: socket.socket | None) -> bool:
+    """Whether bytes wait unread on ``sock`` (False for no socket, or a closed one)."""
+    if sock is None:
+        return False
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
+

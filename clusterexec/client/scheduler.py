@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import select
-import socket
 import threading
 import time
 from collections import deque
@@ -29,8 +27,10 @@ from concurrent.futures import Future
 from typing import Any
 
 from clusterexec.client.dispatch import Dispatcher
+from clusterexec.client.inbox import Inbox
+from clusterexec.client.inprocess import HostedLink
 from clusterexec.client.ledger import NodeLedger
-from clusterexec.client.link import LinkState, NodeLink
+from clusterexec.client.link import LinkState, NodeLink, all_lost_for, lost_summary, readable
 from clusterexec.client.mailbox import Mailbox
 from clusterexec.client.output import OutputPrinter
 from clusterexec.client.report import ClusterStats, NodeStats, NodeStatus
@@ -39,24 +39,20 @@ from clusterexec.client.tasks import Reply, Task, TaskFuture, task_to_cancel
 from clusterexec.client.watch import LinkWatch
 from clusterexec.code.shipping import ModuleSource
 from clusterexec.errors import BrokenCluster, ClusterError, NodeLostError, ProtocolError
-from clusterexec.wire.frames import Message
 from clusterexec.wire.messages import (
     BYE,
-    OUTPUT_HEAD,
     SIGNAL_HEAD,
     SIGNAL_WORKERS,
     STATUS,
-    Kind,
     pack_json,
-    unexpected,
-    unpack_json,
 )
 from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
 
 log = logging.getLogger("clusterexec")
-INITIALIZER_LOG = logging.getLogger("concurrent.futures")
 
 CANCEL_TIMEOUT = 10.0
+# Rounds of hand-over to the hosted nodes per loop turn before the loop looks at its sockets again.
+PUMP_ROUNDS = 8
 
 
 class Scheduler:
@@ -87,6 +83,10 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._new: deque[Task] = deque()
         self._poller = Poller()
+        # Links to a node hosted by this thread (the local executor's): the loop runs them.
+        self._hosted = [link for link in links if isinstance(link, HostedLink)]
+        for hosted in self._hosted:
+            hosted.attach(self._poller, self._timer_at)
         self._watch = LinkWatch(self._poller)
         self._sync = self._watch.sync
         self._mailbox = Mailbox()
@@ -100,18 +100,7 @@ class Scheduler:
         # the earliest is due, or at once after a link leaves READY: not on every wake-up.
         self._timers_due = 0.0
         # What each message kind from a node means, and who handles it.
-        book = self._book
-        self._handlers: dict[int, Callable[[NodeLink, NodeLedger, Message], None]] = {
-            Kind.RESULT: book.on_result,
-            Kind.STARTED: book.on_started,
-            Kind.CANCELLED: book.on_cancelled,
-            Kind.CRASHED: book.on_crashed,
-            Kind.BROKEN: self._on_broken,
-            Kind.OUTPUT: self._on_output,
-            Kind.STATUS_REPLY: self._on_status_reply,
-            Kind.HEARTBEAT: self._on_heartbeat,
-            Kind.SHARE: self._on_share,
-        }
+        self._inbox = Inbox(self._book, self._dispatcher, output, self._break, lambda: self.broken is not None)
 
     # ------------------------------------------------------------------ user threads
 
@@ -215,6 +204,7 @@ class Scheduler:
         mailbox = self._mailbox
         book = self._book
         dispatch = self._dispatcher.dispatch
+        hosted = self._hosted
         while True:
             now = time.monotonic()
             if now >= self._timers_due:
@@ -225,11 +215,20 @@ class Scheduler:
                     self._break(BrokenCluster(lost_summary(self.links)))
                     if self._stop:
                         return
-            for _fd, events, link in self._poller.select(max(0.0, self._timers_due - now)):
+            if hosted:
+                self._pump()  # what the timers had the hosted nodes say
+            ready = self._poller.select(max(0.0, self._timers_due - now))
+            for hosted_link in hosted:
+                hosted_link.batch(ready)
+            for fd, events, link in ready:
                 if link is None:
                     mailbox.on_readable()
-                else:
+                elif isinstance(link, NodeLink):
                     self._on_link_event(link, events)
+                else:
+                    link(fd, events)  # a hosted node's worker: its channel, output or exit
+            for hosted_link in hosted:
+                hosted_link.batch(None)
             if self._new or mailbox.has_calls:
                 self._take_new()
                 mailbox.run_calls()
@@ -237,12 +236,32 @@ class Scheduler:
                     self._timers_due = 0.0
             dispatch(now=time.monotonic())
             self._flush()
+            if hosted:
+                self._pump()
             if book.done:
                 book.complete()
             if not first_round.is_set():
                 self._note_first_round()
             if self._stop and not book.outstanding():
                 return
+
+    def _pump(self) -> None:
+        """Run the hosted nodes: hand each what was sent to it and take what it answered, then
+        send what that made room for, until they are quiet (or come back at once)."""
+        for _ in range(PUMP_ROUNDS):
+            busy = [link for link in self._hosted if link.pending()]
+            if not busy:
+                return
+            for link in busy:
+                self._on_link_event(link, EVENT_READ)
+            self._dispatcher.dispatch(now=time.monotonic())
+            self._flush()
+        self._timers_due = 0.0  # still talking: no wait in select() before the next round
+
+    def _timer_at(self, when: float) -> None:
+        """A hosted node's timer: the timers run by ``when``."""
+        if when < self._timers_due:
+            self._timers_due = when
 
     def _note_first_round(self) -> None:
         """Once every node has been tried, record the outcome for the constructor, then wake it."""
@@ -303,7 +322,7 @@ class Scheduler:
             if (
                 link.state is LinkState.READY
                 and now - link.last_heard > self.heartbeat_timeout
-                and not _readable(link.sock)  # heartbeats may be waiting unread (a GIL-holding user thread)
+                and not readable(link.sock)  # heartbeats may be waiting unread (a GIL-holding user thread)
             ):
                 link.lose(NodeLostError(f"node {link.name} sent no heartbeat for {self.heartbeat_timeout:g}s"))
             timeout = min(timeout, link.ping_if_due(now))
@@ -336,7 +355,7 @@ class Scheduler:
         ledger = self._ledgers[link]
         if messages:
             try:
-                self._on_messages(link, ledger, messages)
+                self._inbox.handle(link, ledger, messages)
             except (ProtocolError, ValueError, KeyError) as exc:
                 link.lose(ClusterError(f"node {link.name} sent a malformed message ({exc})"))
         if link.state is LinkState.READY:
@@ -347,47 +366,6 @@ class Scheduler:
             if link.state is LinkState.LOST and ledger.inflight:
                 self._book.requeue_lost(link, ledger)
         self._sync(link)
-
-    # ------------------------------------------------------------------ messages
-
-    def _on_messages(self, link: NodeLink, ledger: NodeLedger, messages: list[Message]) -> None:
-        handlers = self._handlers
-        for message in messages:
-            handler = handlers.get(message.kind)
-            if handler is None:
-                raise unexpected(message.kind, f"from node {link.name}")
-            handler(link, ledger, message)
-
-    def _on_broken(self, link: NodeLink, ledger: NodeLedger, message: Message) -> None:
-        reason = unpack_json(message.body)
-        if self.broken is None:
-            # Where ProcessPoolExecutor's worker logs it: code that watches this logger
-            # for a failed initializer sees ours too.
-            INITIALIZER_LOG.critical("Exception in initializer on node %s:\n%s", link.name, reason.get("error", ""))
-        self._break(
-            BrokenCluster(
-                f"the initializer failed on node {link.name}, so the executor cannot run tasks; "
-                f"fix the initializer. Remote traceback:\n{reason.get('error', '')}"
-            )
-        )
-
-    def _on_output(self, link: NodeLink, ledger: NodeLedger, message: Message) -> None:
-        stream, pid = OUTPUT_HEAD.unpack_from(message.body, 0)
-        if self.output is not None:
-            self.output.write(link.name, stream, pid, bytes(memoryview(message.body)[OUTPUT_HEAD.size :]))
-
-    def _on_status_reply(self, link: NodeLink, ledger: NodeLedger, message: Message) -> None:
-        ledger.answer_status(unpack_json(message.body))
-
-    def _on_heartbeat(self, link: NodeLink, ledger: NodeLedger, message: Message) -> None:
-        pass  # the link noted when it last heard from the node
-
-    def _on_share(self, link: NodeLink, ledger: NodeLedger, message: Message) -> None:
-        share = unpack_json(message.body).get("share")
-        if not isinstance(share, int) or isinstance(share, bool):
-            raise ProtocolError(f"SHARE message without a share: {bytes(message.body)[:80]!r}")
-        link.set_share(share)  # other clients came or went: fill the node to the new share
-        self._dispatcher.touch(link, ledger)
 
     # ------------------------------------------------------------------ stopping the workers
 
@@ -434,9 +412,11 @@ class Scheduler:
             if link.channel is not None and link.state is LinkState.READY:
                 try:
                     link.channel.send(BYE)
-                    link.channel.sock.setblocking(True)
-                    link.channel.sock.settimeout(1.0)
-                    link.channel.flush()
+                    sock = link.channel.sock  # None for a hosted node: close() hands BYE over
+                    if sock is not None:
+                        sock.setblocking(True)
+                        sock.settimeout(1.0)
+                        link.channel.flush()
                 except (OSError, ClusterError, Exception):
                     pass
             link.close()
@@ -453,26 +433,4 @@ class Scheduler:
         self._poller.close()
         self._mailbox.close()
         self.first_round.set()
-
-
-def all_lost_for(links: list[NodeLink], window: float, now: float) -> bool:
-    """Whether every link has been down for at least ``window`` seconds."""
-    return all(
-        link.state is not LinkState.READY and link.down_since and now - link.down_since >= window for link in links
-    )
-
-
-def lost_summary(links: list[NodeLink]) -> str:
-    """Why the cluster is broken: every node and why it was lost."""
-    lines = [f"  {link.name}: {link.loss_reason or link.error}" for link in links]
-    return "every node of the cluster is lost; no task can run:\n" + "\n".join(lines)
-
-
-def _readable(sock: socket.socket | None) -> bool:
-    if sock is None:
-        return False
-    try:
-        return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return False
 

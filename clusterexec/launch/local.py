@@ -19,6 +19,9 @@ from clusterexec.errors import ClusterError
 from clusterexec.keys import KEY_ENV, new_key
 from clusterexec.launch.specs import NodeAddress
 
+# Set to "process" to run the local executor's node as a process of its own, as where a node
+# cannot be hosted in the client (see clusterexec/node/hosted.py).
+LOCAL_NODE_ENV = "CLUSTEREXEC_LOCAL_NODE"
 READY_LINE = re.compile(r"clusterexec node listening on (\S+):(\d+) \((\d+) workers\)")
 START_TIMEOUT = 60.0
 STOP_GRACE = 5.0

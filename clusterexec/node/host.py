@@ -108,6 +108,9 @@ class NodeHost:
     tasks_run = 0
     slots: RunSlots  # the node's run slots, shared by its sessions
     worker_idle_timeout = WORKER_IDLE_TIMEOUT
+    # Whether its workers' buffers are kept as the chunks they arrived in: a node forwards them
+    # so; a node hosted by its client hands them to the client's unpickler, which needs them whole.
+    chunked_buffers = True
 
     def grant_slots(self) -> None:
         """Give the node's free run slots to the sessions with queued work (see RunSlots.grant)."""

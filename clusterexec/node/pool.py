@@ -44,7 +44,7 @@ class WorkerPool:
         for _, w in pipes:
             os.close(w)
         parent.setblocking(False)
-        channel = Channel(parent, PlainSealer(), PlainOpener(), chunked=True)
+        channel = Channel(parent, PlainSealer(), PlainOpener(), chunked=self.node.chunked_buffers)
         worker = WorkerProcess(pid, channel, output=[r for r, _ in pipes], idle_since=time.monotonic())
         self.workers.append(worker)
         self.node.watch_worker(self.owner, worker)

@@ -12,6 +12,8 @@ import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +46,36 @@ def fork_worker(sock: socket.socket, output: list[int], compression: str | None 
         os._exit(1)
 
 
+# What a spawned worker runs: ``python -c SPAWN_CODE FD CODEC PARENT_PID`` (see spawn_worker).
+SPAWN_CODE = "import sys; from clusterexec.node.workers import serve_spawned; serve_spawned(sys.argv[1:])"
+
+
+def spawn_worker(
+    sock: socket.socket, output: list[int], compression: str | None, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    """Start a worker serving ``sock`` in a new interpreter (not a fork: the process starting
+    it has threads, as a client hosting its local node has, see node/hosted.py). Its stdout
+    and stderr go to ``output`` if given, its stdin is /dev/null as multiprocessing's children's."""
+    fd = sock.fileno()
+    argv = [sys.executable, "-c", SPAWN_CODE, str(fd), compression or "", str(os.getpid())]
+    streams = [*output, None, None][:2]
+    return subprocess.Popen(
+        argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=streams[0], stderr=streams[1], env=env
+    )
+
+
+def serve_spawned(argv: list[str]) -> None:
+    """Entry point of a worker started by :func:`spawn_worker`: ``FD CODEC PARENT_PID``."""
+    fd, codec, parent = int(argv[0]), argv[1] or None, int(argv[2])
+    die_with_parent()
+    if os.getppid() != parent:  # the parent died before it could be told to kill us with it
+        os._exit(1)
+    try:
+        _become_worker(socket.socket(fileno=fd), codec)
+    finally:
+        os._exit(1)
+
+
 def _become_worker(sock: socket.socket, compression: str | None) -> None:
     signal.set_wakeup_fd(-1)
     for signum in (signal.SIGTERM, signal.SIGCHLD):
@@ -72,8 +104,12 @@ class WorkerIO:
         forget: Callable[[Channel], None],
         timer_at: Callable[[float], None],
         end_session: Callable[[WorkerOwner, str], None],
+        own_pids_only: bool = False,
     ) -> None:
         self.poller = poller
+        # In a process with children of its own (a node hosted by a client, see
+        # node/hosted.py), only this node's workers are waited for, by pid: never wait4(-1).
+        self.own_pids_only = own_pids_only
         self._want_write = want_write
         self._forget = forget
         self._timer_at = timer_at
@@ -247,15 +283,30 @@ class WorkerIO:
                 timeout = min(timeout, dying.kill_deadline - now)
         return timeout
 
-    def reap(self) -> None:
-        """Collect every exited child and tell its session (after reading what it sent last)."""
+    def _exited(self) -> list[tuple[int, int, Any]]:
+        """The children that have exited, collected: (pid, wait status, rusage) each."""
+        exited = []
+        if self.own_pids_only:
+            for pid in {**self.by_pid, **self.dying}:
+                try:
+                    found, status, rusage = os.wait4(pid, os.WNOHANG)
+                except ChildProcessError:
+                    continue
+                if found:
+                    exited.append((found, status, rusage))
+            return exited
         while True:
             try:
-                pid, status, rusage = os.wait4(-1, os.WNOHANG)
+                found, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
-                return
-            if pid == 0:
-                return
+                return exited
+            if found == 0:
+                return exited
+            exited.append((found, status, rusage))
+
+    def reap(self) -> None:
+        """Collect every exited child and tell its session (after reading what it sent last)."""
+        for pid, status, rusage in self._exited():
             self.dying.pop(pid, None)
             self.exiting.discard(pid)
             entry = self.by_pid.pop(pid, None)
