@@ -37,7 +37,7 @@ class Outbox:
 
     def send(self, kind: int, body: Buffer = b"", buffers: Any = ()) -> None:
         """Queue one message for the node's session."""
-        self.messages.append(Message(kind, body, list(buffers)))
+        self.messages.append(Message(kind, body, buffers if type(buffers) is list else list(buffers)))
 
     @property
     def wants_write(self) -> bool:

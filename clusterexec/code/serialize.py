@@ -279,9 +279,9 @@ STATUS_OK, STATUS_ERROR, STATUS_PARTIAL = 0, 1, 2
 
 def decode_result(status: int, body: Any, buffers: Any, task_id: int, node: str) -> tuple[Any, BaseException | None]:
     """Turn a RESULT message into ``(value, exception)`` on the client."""
-    where = f"by task {task_id} on node {node}"
     if status == STATUS_OK:
         return loads(body, buffers), None
+    where = f"by task {task_id} on node {node}"
     if status == STATUS_ERROR:
         return None, rebuild_exception(load_failure(body), where)
     if status == STATUS_PARTIAL:

@@ -58,7 +58,7 @@ class ClientQueue:
 
     def send(self, kind: int, body: Buffer = b"", buffers: Any = ()) -> None:
         """Queue one message for the client."""
-        self.messages.append(Message(kind, body, list(buffers)))
+        self.messages.append(Message(kind, body, buffers if type(buffers) is list else list(buffers)))
 
     def take(self) -> list[Message]:
         """Everything queued so far, oldest first."""
@@ -89,7 +89,8 @@ class HostedNode(NodeHost):
             poller, self.want_write, self._forget, timer_at, self._end_session, own_pids_only=True
         )
         self.queue = ClientQueue()
-        self.session = Session(self, cast(Channel, self.queue), f"this process ({os.getpid()})", workers)
+        self._client_channel = cast(Channel, self.queue)
+        self.session = Session(self, self._client_channel, f"this process ({os.getpid()})", workers)
         self.ended = ""  # why the session ended, once it has
         self.started = time.time()
         self._started_monotonic = time.monotonic()
@@ -271,7 +272,7 @@ class HostedNode(NodeHost):
 
     def want_write(self, channel: Channel) -> None:
         """Flush this worker channel in the next :meth:`settle` (the client queue needs none)."""
-        if channel is not self.session.channel:
+        if channel is not self._client_channel:
             self.dirty.add(channel)
 
     def timer_at(self, when: float) -> None:

@@ -123,6 +123,8 @@ class WorkerIO:
         self.reap_due = False
         # The events of the select() being handled (None outside of it): see drain_output().
         self.batch: list[tuple[int, int, Any]] | None = None
+        self._ready_of: list[tuple[int, int, Any]] | None = None  # the batch _ready holds the fds of
+        self._ready: set[int] = set()
 
     def watch(self, session: WorkerOwner, worker: WorkerProcess) -> None:
         """Start reading a worker's channel (and output pipes) and tracking its pid."""
@@ -194,9 +196,13 @@ class WorkerIO:
         data in every batch until it is drained, so a pipe missing from the batch that holds the
         result is empty, and reading it would be a system call per result for nothing."""
         batch = self.batch
-        if batch is not None and len(batch) == 1:
-            return  # the one event is the worker's socket: no pipe of it has anything
-        ready = None if batch is None else {fd for fd, _events, _handler in batch}
+        ready = None
+        if batch is not None:
+            if len(batch) == 1:
+                return  # the one event is the worker's socket: no pipe of it has anything
+            if self._ready_of is not batch:  # once per batch, not per result
+                self._ready_of, self._ready = batch, {fd for fd, _events, _handler in batch}
+            ready = self._ready
         for stream, fd in enumerate(worker.output, start=1):
             if fd >= 0 and (ready is None or fd in ready):
                 self._read_output(session, worker, stream, fd)

@@ -1,0 +1,132 @@
+"""The local executor's node, hosted by the client's I/O thread (clusterexec/node/hosted.py).
+
+``ClusterExecutor(2)`` runs no node process: its workers are children of the test process,
+started by the I/O thread. These tests kill them for real (SIGKILL), let tasks run past their
+timeouts, stop the workers, and check that the client never takes the exit status of a child
+of its own program, which a node's wait4(-1) would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import wait
+from pathlib import Path
+
+import helpers
+import psutil
+import pytest
+from conftest import wait_until
+
+from clusterexec import ClusterExecutor, TaskTimeoutError, WorkerCrashedError
+from clusterexec.node.hosted import can_host
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.skipif(not can_host(), reason="hosting a node in the client needs pidfd_open (Linux 5.3+)"),
+]
+
+
+def workers_of_this_process() -> set[int]:
+    """The pids of this process's children that serve a hosted node's worker channel."""
+    found = set()
+    for child in psutil.Process().children():
+        try:
+            if any("serve_spawned" in part for part in child.cmdline()):
+                found.add(child.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_worker_killed_mid_task_fails_that_task_alone_and_is_replaced(tmp_path: Path) -> None:
+    with ClusterExecutor(2) as ex:
+        started, release = tmp_path / "started", tmp_path / "release"
+        doomed = ex.submit(helpers.announce_then_block, str(started), str(release))
+        helpers.wait_for_file(str(started))
+        victim = int(started.read_text())
+        assert victim in workers_of_this_process()  # a child of this process: no node between
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(WorkerCrashedError, match="SIGKILL"):
+            doomed.result(timeout=20)
+        # The pool heals: two workers again, and tasks run on both.
+        wait_until(lambda: len(workers_of_this_process()) == 2, timeout=20, what="a replacement worker")
+        assert victim not in workers_of_this_process()
+        assert sorted(ex.map(helpers.square, range(20))) == [i * i for i in range(20)]
+
+
+def test_a_task_past_its_timeout_is_killed_and_the_pool_heals() -> None:
+    with ClusterExecutor(2) as ex:
+        slow = ex.options(timeout=0.5).submit(helpers.sleep_and_pid, 30)
+        before = workers_of_this_process()
+        with pytest.raises(TaskTimeoutError):
+            slow.result(timeout=20)
+        assert ex.submit(helpers.square, 7).result(timeout=20) == 49
+        # The worker that ran it was killed and reaped; a new one took its place.
+        wait_until(lambda: len(workers_of_this_process()) == 2, timeout=20, what="a replacement worker")
+        assert len(before - workers_of_this_process()) == 1
+
+
+def test_the_exit_status_of_the_programs_own_children_is_left_to_it() -> None:
+    """A hosted node reaps its workers by pid: a subprocess of the user's program keeps its
+    exit status for the program's own wait()."""
+    with ClusterExecutor(2) as ex:
+        child = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet waited for
+        # Make the hosted node reap: a worker dies, and its exit is collected.
+        crashed = ex.submit(helpers.exit_worker, 3)
+        with pytest.raises(WorkerCrashedError):
+            crashed.result(timeout=20)
+        assert ex.submit(helpers.square, 3).result(timeout=20) == 9
+        assert child.wait(timeout=10) == 7
+
+
+def test_output_printed_by_a_task_reaches_this_process_before_its_result(capfd: pytest.CaptureFixture[str]) -> None:
+    with ClusterExecutor(2) as ex:
+        assert ex.submit(print, "hello from a hosted worker").result(timeout=20) is None
+        ex.shutdown(wait=True)
+    out, _ = capfd.readouterr()
+    assert "hello from a hosted worker" in out
+
+
+def test_check_reports_the_hosted_node() -> None:
+    with ClusterExecutor(2) as ex:
+        assert ex.submit(helpers.square, 2).result(timeout=20) == 4
+        report = ex.check()
+        (node,) = report.nodes
+        assert node.up and node.workers == 2 and node.address == "local"
+        assert node.tasks_run >= 1
+
+
+def test_terminate_workers_stops_every_worker_process(tmp_path: Path) -> None:
+    ex = ClusterExecutor(2)
+    started, release = tmp_path / "started", tmp_path / "release"
+    running = ex.submit(helpers.block, str(started), str(release))
+    ex.submit(helpers.square, 1).result(timeout=20)  # the other worker is up too
+    helpers.wait_for_file(str(started))
+    pids = workers_of_this_process()
+    assert len(pids) == 2
+    ex.terminate_workers()
+    wait([running], timeout=20)
+    assert running.done()
+    assert "terminate_workers()" in str(running.exception())  # its worker was stopped running it
+    _, alive = psutil.wait_procs([psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)], timeout=10)
+    assert not alive
+
+
+def test_many_threads_submitting_at_once_each_get_their_results() -> None:
+    with ClusterExecutor(2) as ex:
+        results: dict[int, list[int]] = {}
+
+        def run(n: int) -> None:
+            results[n] = [f.result(timeout=30) for f in [ex.submit(helpers.square, n * 100 + i) for i in range(50)]]
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert results == {n: [(n * 100 + i) ** 2 for i in range(50)] for n in range(4)}
