@@ -55,16 +55,19 @@ class _Direction:
         self.free_at = 0.0  # when the rate cap lets the next byte leave
         self.ready: deque[memoryview | str] = deque()  # delivered, waiting for the sink (or EOF/RESET)
         self.eof = False  # the source closed: close the sink once everything is delivered
+        self.last_arrival = 0.0  # when the bytes read last reach the far end
 
     def admit(self, data: bytes, now: float) -> float:
-        """Account for ``data`` read now; return when it reaches the far end."""
+        """Account for ``data`` read now; return when it reaches the far end: never before the
+        bytes read earlier, even once the delay is lowered (a stream is never reordered)."""
         rate = self.link.rate
         departs = now
         if rate:
             departs = max(now, self.free_at) + len(data) / rate
             self.free_at = departs
         self.in_flight += len(data)
-        return departs + self.link.delay
+        self.last_arrival = arrival = max(departs + self.link.delay, self.last_arrival)
+        return arrival
 
 
 class _Connection:

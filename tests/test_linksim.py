@@ -118,6 +118,25 @@ def test_the_delay_can_change_while_connections_are_open(sim: LinkSimulator, ech
         assert round_trip(sock) >= 0.1
 
 
+def test_lowering_the_delay_with_bytes_in_flight_never_reorders_the_stream(
+    sim: LinkSimulator, echo: tuple[str, int]
+) -> None:
+    """Bytes sent after the delay drops arrive after those sent before it (they used to overtake
+    them, which the authenticated frames of a session behind the link took for tampering)."""
+    link = sim.link(echo, delay=0.2)
+    with connect(link.address) as sock:
+        round_trip(sock)
+        sock.sendall(b"first-")  # on its way with the 0.2 s delay
+        (connection,) = link.connections
+        deadline = time.monotonic() + 5
+        while connection.up.in_flight < 6:  # read by the simulator, not yet delivered
+            assert time.monotonic() < deadline, "the simulator never read the first bytes"
+            select.select([], [], [], 0.001)
+        link.set(delay=0.0)
+        sock.sendall(b"second")
+        assert receive_exactly(sock, 12) == b"first-second"
+
+
 def test_the_rate_cap_holds_bytes_back(sim: LinkSimulator, echo: tuple[str, int]) -> None:
     rate = 4 << 20  # 4 MiB/s each way
     link = sim.link(echo, rate=rate)

@@ -228,6 +228,23 @@ def test_started_is_reported_for_a_task_sent_ahead_but_not_for_one_the_client_co
     assert [unpack_ids(m.body) for m in reports] == [[8]]
 
 
+def test_only_tasks_of_the_function_a_worker_just_ran_quickly_are_pipelined_to_it(harness: Harness) -> None:
+    other = b"g" * 16
+    harness.open(workers=1)
+    harness.from_client(FUNC, DIGEST + b"f")
+    harness.from_client(FUNC, other + b"g")
+    harness.from_client(TASK, task(1))
+    (worker,) = harness.session.workers
+    harness.session.on_worker_messages(worker, [Message(RESULT, RESULT_HEAD.pack(1, STATUS_OK, 0))])
+    assert worker.short == DIGEST and worker.depth == 4  # a quick result: up to the node's pipeline
+    for task_id in (2, 3, 4):
+        harness.from_client(TASK, task(task_id))
+    harness.from_client(TASK, TASK_HEAD.pack(5, other, 0) + b"args")  # another function: a new map
+    harness.from_client(TASK, task(6))
+    assert [task_id for task_id, _ in worker.outstanding] == [2, 3, 4]  # the same function, pipelined
+    assert [TASK_HEAD.unpack_from(m.body)[0] for m in harness.session.queue] == [5, 6]  # 5 waits, 6 behind it
+
+
 def test_cancel_of_a_queued_task_answers_cancelled(harness: Harness) -> None:
     harness.open(workers=1)
     harness.from_client(FUNC, DIGEST + b"f")

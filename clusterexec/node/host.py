@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from clusterexec.node.slots import RunSlots
 
 
+# Tasks a worker of a node may hold at once while its tasks are tiny (NodeHost.pipeline).
+PIPELINE = 4
 # Seconds a worker process may stay idle before it is retired (``--worker-idle-timeout``; 0: never).
 WORKER_IDLE_TIMEOUT = 60.0
 
@@ -50,7 +52,10 @@ class WorkerProcess:
     busy_since: float = 0.0
     idle_since: float = 0.0  # when it last became idle (started, or ended its last task)
     holds_slot: bool = False  # it counts against the node's run slots (see node/slots.py)
-    short: bool = False
+    # The function digest of its last task if that ran in under SHORT_TASK (b"" otherwise), and
+    # how many tasks of that function it may hold at once: see Session.dispatch.
+    short: bytes = b""
+    depth: int = 1
     kill_deadline: float = 0.0
     output: list[int] = field(default_factory=list)
     # The running task's timeout (seconds) and when it is due; timed_out: the timeout it ran
@@ -108,6 +113,8 @@ class NodeHost:
     tasks_run = 0
     slots: RunSlots  # the node's run slots, shared by its sessions
     worker_idle_timeout = WORKER_IDLE_TIMEOUT
+    # How many tiny tasks a worker that runs them may hold at once (see Session.dispatch).
+    pipeline = PIPELINE
     # Whether its workers' buffers are kept as the chunks they arrived in: a node forwards them
     # so; a node hosted by its client hands them to the client's unpickler, which needs them whole.
     chunked_buffers = True

@@ -55,14 +55,16 @@ from clusterexec.wire.sealing import Buffer
 
 log = logging.getLogger("clusterexec.node")
 
-# A worker whose last task took less than SHORT_TASK seconds gets up to PIPELINE tasks at
-# once, so it never waits for the node between tiny tasks; others get one at a time, so
-# long tasks are never queued behind each other while another worker is free.
-PIPELINE = 4
+# A worker whose last task took less than SHORT_TASK seconds gets up to its node's pipeline of
+# tasks at once (NodeHost.pipeline), so it never waits for the node between tiny tasks; others
+# get one at a time, so long tasks are never queued behind each other while another worker is free.
+
 # Tasks given to workers are reported STARTED to the client only if they are still running
 # STARTED_DELAY seconds later: a quick result implies the start, and saves the client a wake-up.
 STARTED_DELAY = 0.001
 SHORT_TASK = 0.001
+# About how much work, in seconds at its last task's pace, a worker running short tasks holds.
+PIPELINE_SECONDS = 0.002
 DIED_RUNNING = "worker %d of session %s died (%s) running task %d"
 
 
@@ -264,20 +266,32 @@ class Session:
         return True
 
     def dispatch(self) -> None:
-        """Pipeline queued tasks to workers that hold a run slot and run short tasks, up to
-        PIPELINE deep, unless another session waits for a slot these workers should free."""
-        if not self.queue or self.state is not SessionState.ACTIVE or not self.held:
+        """Pipeline queued tasks to workers that hold a run slot and run short tasks, unless
+        another session waits for a slot these workers should free.
+
+        A worker is given more tasks of the function whose last task it ran in under
+        SHORT_TASK, up to about PIPELINE_SECONDS of them at that pace and at most the node's
+        ``pipeline``. A task of another function waits for a worker that is free: the first
+        tasks of a new map never queue on a worker behind each other on the strength of the
+        previous map's pace."""
+        queue = self.queue
+        if not queue or self.state is not SessionState.ACTIVE or not self.held:
             return
         if self.node.slots.must_yield(self):
             return
         accepting = self.pool.accepting
-        for depth in range(2, PIPELINE + 1):
+        for depth in range(2, self.node.pipeline + 1):
             for worker in self.workers:
                 # A task with a timeout never waits behind another on a worker, nor another behind it.
-                if not self.queue or timed(self.queue[0]):
+                if not queue or timed(queue[0]):
                     break
-                if worker.short and 0 < len(worker.outstanding) < depth and accepting(worker) and not worker.timeout:
-                    self._give(worker, self.queue.popleft())
+                if (
+                    0 < len(worker.outstanding) < depth <= worker.depth
+                    and worker.short == queue[0].body[TASK_ID.size : TASK_HEAD.size - 1]
+                    and accepting(worker)
+                    and not worker.timeout
+                ):
+                    self._give(worker, queue.popleft())
         self._arm_started()
 
     def _arm_started(self) -> None:
@@ -348,14 +362,19 @@ class Session:
         if not worker.outstanding or worker.outstanding[0][0] != task_id:
             raise ProtocolError(f"worker {worker.pid} answered for task {task_id} out of turn")
         outstanding = worker.outstanding
-        outstanding.popleft()
+        _, task = outstanding.popleft()
         worker.timeout = None
         started = self.started
         started.pop(task_id, None)
         if not started:
             self.started_due = 0.0  # nothing left to report: no timer wake-up for it
         now = time.monotonic()
-        worker.short = now - worker.busy_since < SHORT_TASK
+        took = now - worker.busy_since
+        if took < SHORT_TASK:  # more tasks of its function may queue on it: see dispatch()
+            worker.short = bytes(task.body[TASK_ID.size : TASK_HEAD.size - 1])
+            worker.depth = min(self.node.pipeline, max(2, int(PIPELINE_SECONDS / max(took, 1e-6))))
+        else:
+            worker.short = b""
         worker.busy_since = now
         if not outstanding:
             worker.idle_since = self.last_busy = now
