@@ -31,7 +31,7 @@ from clusterexec.node.host import NodeHost, WorkerOwner, WorkerProcess
 from clusterexec.node.session import Session, SessionState
 from clusterexec.node.slots import RunSlots
 from clusterexec.node.workers import WorkerIO, spawn_worker
-from clusterexec.wire.channel import Channel, ConnectionClosed
+from clusterexec.wire.channel import Channel, flush_each
 from clusterexec.wire.frames import Message
 from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
 from clusterexec.wire.sealing import Buffer
@@ -128,14 +128,8 @@ class HostedNode(NodeHost):
             worker_io.reap_due = False
             worker_io.reap()
             self.slots.grant(time.monotonic())
-        while self.dirty:
-            channel = self.dirty.pop()
-            fd = channel.sock.fileno()
-            if fd < 0:
-                continue
-            try:
-                done = channel.flush()
-            except ConnectionClosed:
+        for fd, done in flush_each(self.dirty):
+            if done is None:  # the worker is gone: reap it
                 entry = worker_io.by_fd.get(fd)
                 if entry is not None:
                     worker_io.unwatch(entry[1])

@@ -19,8 +19,25 @@ from clusterexec.node.host import NodeHost, WorkerOwner, WorkerProcess, WorkerSt
 from clusterexec.node.request import SessionRequest
 from clusterexec.wire.channel import Channel
 from clusterexec.wire.frames import Message
-from clusterexec.wire.messages import FLAG_RUNNING, FLAG_TIMEOUT, FORGET, FUNC, STOP, TASK, TASK_HEAD, task_timeout
+from clusterexec.wire.messages import (
+    FLAG_RUNNING,
+    FLAG_TIMEOUT,
+    FORGET,
+    FUNC,
+    STOP,
+    TASK,
+    TASK_HEAD,
+    TASK_ID,
+    task_timeout,
+)
 from clusterexec.wire.sealing import PlainOpener, PlainSealer
+
+# A worker whose last task took less than SHORT_TASK seconds may hold more tasks of the same
+# function at once (see WorkerPool.pipelines), about PIPELINE_SECONDS of them at that pace, so it
+# never waits for the node between tiny tasks; others get one at a time, so long tasks are never
+# queued behind each other while another worker is free.
+SHORT_TASK = 0.001
+PIPELINE_SECONDS = 0.002
 
 
 class WorkerPool:
@@ -103,6 +120,28 @@ class WorkerPool:
                 worker.functions.discard(digest)
                 worker.channel.send(FORGET, digest)
                 self.node.want_write(worker.channel)
+
+    def note_pace(self, worker: WorkerProcess, task: Message, took: float) -> None:
+        """``worker`` ended ``task`` ``took`` seconds after its previous task (or its start):
+        if that is under SHORT_TASK, more tasks of the same function may queue on it."""
+        if took < SHORT_TASK:
+            worker.short = bytes(task.body[TASK_ID.size : TASK_HEAD.size - 1])
+            worker.depth = min(self.node.pipeline, max(2, int(PIPELINE_SECONDS / max(took, 1e-6))))
+        else:
+            worker.short = b""
+
+    def pipelines(self, worker: WorkerProcess, task: Message, depth: int) -> bool:
+        """Whether ``task`` may queue on busy ``worker`` as its ``depth``-th task: only a task of
+        the function whose last task the worker ran in under SHORT_TASK, up to about
+        PIPELINE_SECONDS of them at that pace (at most the node's ``pipeline``), so that a tiny
+        task never waits for the node; and so that the first tasks of a new map never queue
+        behind each other on the strength of the previous map's pace."""
+        return (
+            0 < len(worker.outstanding) < depth <= worker.depth
+            and worker.short == task.body[TASK_ID.size : TASK_HEAD.size - 1]
+            and self.accepting(worker)
+            and not worker.timeout
+        )
 
     def accepting(self, worker: WorkerProcess) -> bool:
         """True if ``worker`` may be given another task."""

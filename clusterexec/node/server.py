@@ -34,7 +34,7 @@ from clusterexec.node.libc import release_freed, tune_malloc
 from clusterexec.node.session import Session, SessionState
 from clusterexec.node.slots import RunSlots
 from clusterexec.node.workers import WorkerIO, fork_worker
-from clusterexec.wire.channel import Channel, ConnectionClosed
+from clusterexec.wire.channel import Channel, ConnectionClosed, flush_each
 from clusterexec.wire.frames import DEFAULT_MAX_FRAME
 from clusterexec.wire.handshake import HANDSHAKE_TIMEOUT, SessionKeys
 from clusterexec.wire.poller import EVENT_READ, EVENT_WRITE, Poller
@@ -314,17 +314,11 @@ class Node(NodeHost):
         return max(timeout, 0.0)
 
     def _flush(self) -> None:
-        while self.dirty:
-            channel = self.dirty.pop()
-            fd = channel.sock.fileno()
-            if fd < 0:
-                continue
-            try:
-                done = channel.flush()
-            except ConnectionClosed:
+        for fd, done in flush_each(self.dirty):
+            if done is None:
                 self._on_channel_error(fd, "connection lost while writing")
-                continue
-            self._set_write_interest(fd, not done)
+            else:
+                self._set_write_interest(fd, not done)
         self._apply_backpressure()
 
     def _apply_backpressure(self) -> None:

@@ -55,16 +55,9 @@ from clusterexec.wire.sealing import Buffer
 
 log = logging.getLogger("clusterexec.node")
 
-# A worker whose last task took less than SHORT_TASK seconds gets up to its node's pipeline of
-# tasks at once (NodeHost.pipeline), so it never waits for the node between tiny tasks; others
-# get one at a time, so long tasks are never queued behind each other while another worker is free.
-
 # Tasks given to workers are reported STARTED to the client only if they are still running
 # STARTED_DELAY seconds later: a quick result implies the start, and saves the client a wake-up.
 STARTED_DELAY = 0.001
-SHORT_TASK = 0.001
-# About how much work, in seconds at its last task's pace, a worker running short tasks holds.
-PIPELINE_SECONDS = 0.002
 DIED_RUNNING = "worker %d of session %s died (%s) running task %d"
 
 
@@ -266,31 +259,21 @@ class Session:
         return True
 
     def dispatch(self) -> None:
-        """Pipeline queued tasks to workers that hold a run slot and run short tasks, unless
-        another session waits for a slot these workers should free.
-
-        A worker is given more tasks of the function whose last task it ran in under
-        SHORT_TASK, up to about PIPELINE_SECONDS of them at that pace and at most the node's
-        ``pipeline``. A task of another function waits for a worker that is free: the first
-        tasks of a new map never queue on a worker behind each other on the strength of the
-        previous map's pace."""
+        """Pipeline queued tasks to workers that hold a run slot and run tiny tasks of the same
+        function (see WorkerPool.pipelines), unless another session waits for a slot these
+        workers should free."""
         queue = self.queue
         if not queue or self.state is not SessionState.ACTIVE or not self.held:
             return
         if self.node.slots.must_yield(self):
             return
-        accepting = self.pool.accepting
+        pipelines = self.pool.pipelines
         for depth in range(2, self.node.pipeline + 1):
             for worker in self.workers:
                 # A task with a timeout never waits behind another on a worker, nor another behind it.
                 if not queue or timed(queue[0]):
                     break
-                if (
-                    0 < len(worker.outstanding) < depth <= worker.depth
-                    and worker.short == queue[0].body[TASK_ID.size : TASK_HEAD.size - 1]
-                    and accepting(worker)
-                    and not worker.timeout
-                ):
+                if pipelines(worker, queue[0], depth):
                     self._give(worker, queue.popleft())
         self._arm_started()
 
@@ -369,12 +352,7 @@ class Session:
         if not started:
             self.started_due = 0.0  # nothing left to report: no timer wake-up for it
         now = time.monotonic()
-        took = now - worker.busy_since
-        if took < SHORT_TASK:  # more tasks of its function may queue on it: see dispatch()
-            worker.short = bytes(task.body[TASK_ID.size : TASK_HEAD.size - 1])
-            worker.depth = min(self.node.pipeline, max(2, int(PIPELINE_SECONDS / max(took, 1e-6))))
-        else:
-            worker.short = b""
+        self.pool.note_pace(worker, task, now - worker.busy_since)
         worker.busy_since = now
         if not outstanding:
             worker.idle_since = self.last_busy = now

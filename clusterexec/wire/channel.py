@@ -40,6 +40,22 @@ class ConnectionClosed(Exception):
     """The peer closed the connection (or it was reset)."""
 
 
+def flush_each(dirty: set[Channel]) -> Iterator[tuple[int, bool | None]]:
+    """Flush every channel of ``dirty``, emptying it; yield ``(fd, done)`` for each open one:
+    ``done`` as :meth:`Channel.flush` returns it, None if the peer is gone."""
+    while dirty:
+        channel = dirty.pop()
+        fd = channel.sock.fileno()
+        if fd < 0:
+            continue
+        try:
+            done = channel.flush()
+        except ConnectionClosed:
+            yield fd, None
+            continue
+        yield fd, done
+
+
 class Channel:
     """A non-blocking framed socket. Not thread-safe: one owner thread uses it."""
 
