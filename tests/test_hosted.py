@@ -60,8 +60,9 @@ def test_a_worker_killed_mid_task_fails_that_task_alone_and_is_replaced(tmp_path
 
 def test_a_task_past_its_timeout_is_killed_and_the_pool_heals() -> None:
     with ClusterExecutor(2) as ex:
-        slow = ex.options(timeout=0.5).submit(helpers.sleep_and_pid, 30)
+        wait_until(lambda: len(workers_of_this_process()) == 2, timeout=20, what="both workers up")
         before = workers_of_this_process()
+        slow = ex.options(timeout=0.5).submit(helpers.sleep_and_pid, 30)
         with pytest.raises(TaskTimeoutError):
             slow.result(timeout=20)
         assert ex.submit(helpers.square, 7).result(timeout=20) == 49
@@ -130,3 +131,37 @@ def test_many_threads_submitting_at_once_each_get_their_results() -> None:
         for thread in threads:
             thread.join(30)
         assert results == {n: [(n * 100 + i) ** 2 for i in range(50)] for n in range(4)}
+
+
+CTRL_C_SCRIPT = """
+import sys, time
+from clusterexec import ClusterExecutor
+with ClusterExecutor(2) as ex:
+    print("running", flush=True)
+    ex.submit(time.sleep, 60).result()
+"""
+
+
+def test_ctrl_c_stops_the_program_and_its_workers_with_one_traceback(tmp_path: Path) -> None:
+    """A Ctrl-C at the terminal (SIGINT to the foreground process group) interrupts the program
+    and the task its worker runs (as ProcessPoolExecutor's workers), so it exits at once; the
+    workers print nothing and stop with it."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(CTRL_C_SCRIPT)
+    process = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "running\n"
+        workers = psutil.Process(process.pid).children()
+        assert len(workers) == 2 and all(os.getpgid(w.pid) == process.pid for w in workers)
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        _, err = process.communicate(timeout=20)  # not the task's 60 s
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode != 0
+    assert err.count("Traceback") == 1 and "KeyboardInterrupt" in err, err
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import signal
 import threading
 import time
 from collections import deque
@@ -186,6 +187,11 @@ class Scheduler:
 
     def _run(self) -> None:
         self._io_ident = threading.get_ident()
+        if self._hosted and hasattr(signal, "pthread_sigmask"):
+            # A hosted node's workers are started from this thread and inherit its signal mask:
+            # a Ctrl-C while one starts waits until it ignores SIGINT (see node/workers.py).
+            # Signals go to the main thread anyway.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         self._poller.register(self._mailbox.reader, EVENT_READ, None)
         try:
             now = time.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -65,6 +66,14 @@ class Worker:
         self.shipped = ShippedModules()
         self.shipped.install()
         self.init: Message | None = None
+        self.running = False  # a task's code runs: a SIGINT interrupts it
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        # As in ProcessPoolExecutor's workers, which share the terminal's process group: a
+        # Ctrl-C raises KeyboardInterrupt in the task it interrupts (its outcome), and does
+        # nothing to a worker between tasks.
+        if self.running:
+            raise KeyboardInterrupt
 
     def serve(self) -> int:
         """Handle messages until STOP or the node goes away; return the exit status.
@@ -72,6 +81,7 @@ class Worker:
         A message of a kind the worker does not take is logged, naming the kind, and ends the
         worker with EXIT_UNEXPECTED: ignoring it could leave a task unanswered for ever."""
         handlers = HANDLERS
+        signal.signal(signal.SIGINT, self._on_sigint)
         while True:
             try:
                 message = self.channel.receive()
@@ -157,8 +167,11 @@ class Worker:
         if flags & FLAG_CHUNK:
             return self._call_chunk(fn, args[0])
         try:
+            self.running = True
             value = fn(*args, **kwargs) if kwargs else fn(*args)
+            self.running = False
         except BaseException as exc:
+            self.running = False
             return STATUS_ERROR, dumps_failure(exc)
         del fn, args, kwargs
         try:
@@ -170,8 +183,11 @@ class Worker:
         results: list[Any] = []
         for args in chunk:
             try:
+                self.running = True
                 results.append(fn(*args))
+                self.running = False
             except BaseException as exc:
+                self.running = False
                 try:
                     return STATUS_PARTIAL, dumps((results, capture_exception(exc)))
                 except BaseException as inner:

@@ -47,7 +47,11 @@ def fork_worker(sock: socket.socket, output: list[int], compression: str | None 
 
 
 # What a spawned worker runs: ``python -c SPAWN_CODE FD CODEC PARENT_PID`` (see spawn_worker).
-SPAWN_CODE = "import sys; from clusterexec.node.workers import serve_spawned; serve_spawned(sys.argv[1:])"
+# SIGINT is ignored first thing: a Ctrl-C while the worker starts must not end it.
+SPAWN_CODE = (
+    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); import sys; "
+    "from clusterexec.node.workers import serve_spawned; serve_spawned(sys.argv[1:])"
+)
 
 
 def spawn_worker(
@@ -55,18 +59,28 @@ def spawn_worker(
 ) -> subprocess.Popen[bytes]:
     """Start a worker serving ``sock`` in a new interpreter (not a fork: the process starting
     it has threads, as a client hosting its local node has, see node/hosted.py). Its stdout
-    and stderr go to ``output`` if given, its stdin is /dev/null as multiprocessing's children's."""
+    and stderr go to ``output`` if given, its stdin is /dev/null as multiprocessing's children's.
+    It stays in the client's process group: a Ctrl-C at the terminal interrupts the task it runs,
+    as in ProcessPoolExecutor's workers (see Worker.serve)."""
     fd = sock.fileno()
     argv = [sys.executable, "-c", SPAWN_CODE, str(fd), compression or "", str(os.getpid())]
     streams = [*output, None, None][:2]
     return subprocess.Popen(
-        argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=streams[0], stderr=streams[1], env=env
+        argv,
+        pass_fds=(fd,),
+        stdin=subprocess.DEVNULL,
+        stdout=streams[0],
+        stderr=streams[1],
+        env=env,
     )
 
 
 def serve_spawned(argv: list[str]) -> None:
     """Entry point of a worker started by :func:`spawn_worker`: ``FD CODEC PARENT_PID``."""
     fd, codec, parent = int(argv[0]), argv[1] or None, int(argv[2])
+    # Started with SIGINT blocked (the client's I/O thread blocks it), and ignoring it since
+    # SPAWN_CODE's first line: a Ctrl-C that came meanwhile is dropped now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     die_with_parent()
     if os.getppid() != parent:  # the parent died before it could be told to kill us with it
         os._exit(1)
@@ -81,7 +95,7 @@ def _become_worker(sock: socket.socket, compression: str | None) -> None:
     for signum in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python starts: BrokenPipeError, not death
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # until a task runs: see Worker.serve()
     die_with_parent()
     tune_malloc(keep_freed=False)
     keep = sock.fileno()
