@@ -134,11 +134,16 @@ def test_many_threads_submitting_at_once_each_get_their_results() -> None:
 
 
 CTRL_C_SCRIPT = """
-import sys, time
+import pathlib, sys, time
 from clusterexec import ClusterExecutor
+
+def nap(marker):
+    pathlib.Path(marker).touch()
+    time.sleep(60)
+
 with ClusterExecutor(2) as ex:
     print("running", flush=True)
-    ex.submit(time.sleep, 60).result()
+    ex.submit(nap, sys.argv[1]).result()
 """
 
 
@@ -146,13 +151,18 @@ def test_ctrl_c_stops_the_program_and_its_workers_with_one_traceback(tmp_path: P
     """A Ctrl-C at the terminal (SIGINT to the foreground process group) interrupts the program
     and the task its worker runs (as ProcessPoolExecutor's workers), so it exits at once; the
     workers print nothing and stop with it."""
-    script = tmp_path / "ctrl_c.py"
+    script, marker = tmp_path / "ctrl_c.py", tmp_path / "napping"
     script.write_text(CTRL_C_SCRIPT)
     process = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, str(script), str(marker)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
     )
     try:
         assert process.stdout is not None and process.stdout.readline() == "running\n"
+        helpers.wait_for_file(str(marker))  # the task runs
         workers = psutil.Process(process.pid).children()
         assert len(workers) == 2 and all(os.getpgid(w.pid) == process.pid for w in workers)
         os.killpg(process.pid, signal.SIGINT)  # what the terminal does on Ctrl-C

@@ -12,10 +12,13 @@ import enum
 import os
 import signal
 import socket
+import sys
 from collections import deque
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from clusterexec._version import __version__
 from clusterexec.wire.channel import Channel
 from clusterexec.wire.frames import Message
 
@@ -85,6 +88,63 @@ def exit_report(pid: int, status: int, maxrss_kb: int) -> dict[str, object]:
         "exitcode": os.waitstatus_to_exitcode(status),
         "maxrss_kb": maxrss_kb,
     }
+
+
+def node_facts(started: float, cloudpickle_version: str) -> dict[str, object]:
+    """What a node says of itself to its clients (WELCOME, STATUS): host, pid, versions and when
+    it started (``started``, a date)."""
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "python": sys.version.split()[0],
+        "clusterexec": __version__,
+        "cloudpickle": cloudpickle_version,
+        "started": started,
+    }
+
+
+class SessionCounts(Protocol):
+    """What a node's status says of each of its sessions (implemented by Session)."""
+
+    @property
+    def peer(self) -> str: ...
+    @property
+    def share(self) -> int: ...
+    @property
+    def queue(self) -> Sized: ...
+    @property
+    def held(self) -> int: ...
+    @property
+    def workers(self) -> Sized: ...
+    @property
+    def tasks_done(self) -> int: ...
+
+
+def status_report(
+    facts: dict[str, object],
+    counts: Mapping[str, object],
+    sessions: Sequence[SessionCounts],
+    packages: list[object] | None,
+) -> dict[str, object]:
+    """A node's answer to STATUS: its ``facts``, its ``counts`` (uptime, slots, processes...),
+    each session's client, share and tasks, and with ``packages`` its version of each."""
+    extra: dict[str, object] = {}
+    if packages:
+        from clusterexec.code.versions import versions  # only when asked: metadata is slow to read
+
+        extra["packages"] = versions(packages)
+    listed = [
+        {
+            "peer": s.peer,
+            "share": s.share,
+            "queued": len(s.queue),
+            "running": s.held,
+            "processes": len(s.workers),
+            "tasks_done": s.tasks_done,
+        }
+        for s in sessions
+    ]
+    return {**extra, **facts, **counts, "sessions": len(sessions), "session_list": listed}
 
 
 class WorkerOwner(Protocol):

@@ -26,8 +26,7 @@ from typing import Any, cast
 
 import cloudpickle
 
-from clusterexec._version import __version__
-from clusterexec.node.host import NodeHost, WorkerOwner, WorkerProcess
+from clusterexec.node.host import NodeHost, WorkerOwner, WorkerProcess, node_facts, status_report
 from clusterexec.node.session import Session, SessionState
 from clusterexec.node.slots import RunSlots
 from clusterexec.node.workers import WorkerIO, spawn_worker
@@ -182,46 +181,20 @@ class HostedNode(NodeHost):
 
     def describe(self) -> dict[str, object]:
         """Facts about this node (the client's process), for WELCOME."""
-        return {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "python": sys.version.split()[0],
-            "clusterexec": __version__,
-            "cloudpickle": cloudpickle.__version__,
-            "started": self.started,
-            "hosted": True,
-        }
+        return {**node_facts(self.started, cloudpickle.__version__), "hosted": True}
 
     def status(self, packages: list[object] | None = None) -> dict[str, object]:
         """The health report, as a node's (see Node.status)."""
-        extra: dict[str, object] = {}
-        if packages:
-            from clusterexec.code.versions import versions
-
-            extra["packages"] = versions(packages)
-        session = self.session
-        return {
-            **extra,
-            **self.describe(),
+        counts = {
             "uptime": time.monotonic() - self._started_monotonic,
             "workers": self.slots.capacity,
-            "sessions": 0 if self.ended else 1,
             "busy": self.slots.in_use,
             "tasks_run": self.tasks_run,
             "processes": len(self.worker_io.by_pid),
             "max_processes": self.max_processes,
             "max_sessions": 1,
-            "session_list": [
-                {
-                    "peer": session.peer,
-                    "share": session.share,
-                    "queued": len(session.queue),
-                    "running": session.held,
-                    "processes": len(session.workers),
-                    "tasks_done": session.tasks_done,
-                }
-            ],
         }
+        return status_report(self.describe(), counts, [] if self.ended else [self.session], packages)
 
     def fork_worker(self, sock: socket.socket, output: list[int], compression: str | None = None) -> int:
         """Start a worker serving ``sock`` (a new interpreter: see spawn_worker)."""

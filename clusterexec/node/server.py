@@ -26,10 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from clusterexec._version import __version__
 from clusterexec.errors import ClusterError, ProtocolError
 from clusterexec.node.accept import Acceptor, listen, raise_fd_limit
-from clusterexec.node.host import WORKER_IDLE_TIMEOUT, NodeHost, WorkerOwner, WorkerProcess
+from clusterexec.node.host import (
+    WORKER_IDLE_TIMEOUT,
+    NodeHost,
+    WorkerOwner,
+    WorkerProcess,
+    node_facts,
+    status_report,
+)
 from clusterexec.node.libc import release_freed, tune_malloc
 from clusterexec.node.session import Session, SessionState
 from clusterexec.node.slots import RunSlots
@@ -132,48 +138,23 @@ class Node(NodeHost):
 
     def describe(self) -> dict[str, object]:
         """Facts about this node, sent to clients."""
-        return {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "python": sys.version.split()[0],
-            "clusterexec": __version__,
-            "cloudpickle": installed_version("cloudpickle"),
-            "started": self.started,
-        }
+        return node_facts(self.started, installed_version("cloudpickle"))
 
     def status(self, packages: list[object] | None = None) -> dict[str, object]:
         """Facts and counters for a health check: uptime, run slots and how many are busy,
         tasks run, worker processes, and each session's client, share and queued tasks; with
         ``packages`` (top-level names), this node's version of each."""
         opened = [s for s in self.sessions.values() if s.state not in (SessionState.WAITING, SessionState.REFUSED)]
-        extra: dict[str, object] = {}
-        if packages:
-            from clusterexec.code.versions import versions  # only when asked: metadata is slow to read
-
-            extra["packages"] = versions(packages)
-        return {
-            **extra,
-            **self.describe(),
+        counts = {
             "uptime": time.monotonic() - self._started_monotonic,
             "workers": self.workers_per_session,
-            "sessions": len(opened),
             "busy": self.slots.in_use,
             "tasks_run": self.tasks_run,
             "processes": len(self.worker_io.by_pid),
             "max_processes": self.max_processes,
             "max_sessions": self.max_sessions,
-            "session_list": [
-                {
-                    "peer": s.peer,
-                    "share": s.share,
-                    "queued": len(s.queue),
-                    "running": s.held,
-                    "processes": len(s.workers),
-                    "tasks_done": s.tasks_done,
-                }
-                for s in opened
-            ],
         }
+        return status_report(self.describe(), counts, opened, packages)
 
     def grant_slots(self) -> None:
         """Give the free run slots to the sessions with queued work."""
