@@ -839,6 +839,25 @@ def test_buffers_a_head_announces_are_not_allocated_before_they_arrive(
     assert grown < RSS_SLACK, f"a {len(plain)}-byte head made the node allocate {grown // MiB} MiB"
 
 
+def test_a_large_frame_within_the_limit_is_not_allocated_before_its_bytes_arrive(
+    start_secure_node: NodeStarter, key_file: Path
+) -> None:
+    """A frame length under ``--max-frame`` (1 GiB by default) makes the node receive into a
+    buffer of that size; only the bytes that came may take memory (a key holder's header alone
+    made the node commit, and its kept heap hold, hundreds of MiB)."""
+    node = start_secure_node(key_file=key_file, workers=1)
+    well_behaved_client_is_served(node)
+    baseline = node.rss()
+    with RawClient(node.endpoint) as client:
+        client.handshake(node.key)
+        client.sock.sendall(FRAME_HEADER.pack(512 * MiB) + os.urandom(1 * MiB))
+        assert not client.closed_by_peer(0.5)  # it waits for the rest
+        grown = node.rss() - baseline
+    assert grown < RSS_SLACK, f"a 512 MiB frame header with 1 MiB behind it grew the node by {grown // MiB} MiB"
+    well_behaved_client_is_served(node)
+    assert node.rss() < baseline + RSS_SLACK
+
+
 @pytest.mark.timeout(40)
 def test_a_silent_client_is_closed_at_the_handshake_deadline(start_secure_node: NodeStarter, key_file: Path) -> None:
     # There is no command-line option for the deadline (NodeConfig.handshake_timeout, 10 s):

@@ -173,7 +173,7 @@ class FrameReader:
         self._buf = bytearray(bufsize)
         self._start = 0
         self._end = 0
-        self._big: bytearray | memoryview | None = None
+        self._big: bytearray | memoryview | mmap.mmap | None = None
         self._big_len = 0
         self._big_filled = 0
         self._big_header = b""
@@ -253,18 +253,22 @@ class FrameReader:
 
     def _start_big(self, length: int) -> None:
         hsize = FRAME_HEADER.size
+        big: bytearray | memoryview | mmap.mmap
         if self._assembly is not None and not self._opener.overhead:
             # An unsealed chunk needs no opening: receive it where it belongs.
-            self._big = self._assembly.target(self._chunked)
+            big = self._assembly.target(self._chunked)
             self._direct = True
         else:
             keep = self._big_keep
-            self._big = keep if keep is not None and len(keep) >= length else bytearray(length)
+            # alloc_buffer: a large frame is received into anonymous memory that takes room only
+            # as its bytes arrive, not at its header (a length under the limit commits nothing).
+            big = keep if keep is not None and len(keep) >= length else alloc_buffer(length)
             self._big_keep = None
+        self._big = big
         self._big_len = length
         self._big_header = bytes(self._buf[self._start : self._start + hsize])
         have = self._end - self._start - hsize
-        self._big[:have] = self._buf[self._start + hsize : self._end]
+        big[:have] = self._buf[self._start + hsize : self._end]
         self._big_filled = have
         self._start = self._end = 0
 
