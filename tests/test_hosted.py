@@ -175,3 +175,38 @@ def test_ctrl_c_stops_the_program_and_its_workers_with_one_traceback(tmp_path: P
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive
 
+
+CTRL_C_QUEUE_SCRIPT = """
+import pathlib, sys, time
+from clusterexec import ClusterExecutor
+
+def nap(marker):
+    pathlib.Path(marker).touch()
+    time.sleep(5)
+
+with ClusterExecutor(2) as ex:
+    futures = [ex.submit(nap, sys.argv[1] + str(i)) for i in range(20)]
+    futures[0].result()
+"""
+
+
+def test_ctrl_c_in_a_with_block_cancels_the_tasks_that_have_not_started(tmp_path: Path) -> None:
+    """After a Ctrl-C the executor's exit does not run the queued tasks first: the running ones
+    are interrupted, those not yet handed to a worker cancelled (a worker freed by the interrupt
+    may start one more before the cancel reaches it: that one runs)."""
+    script = tmp_path / "ctrl_c_queue.py"
+    script.write_text(CTRL_C_QUEUE_SCRIPT)
+    marker = str(tmp_path / "napping-")
+    process = subprocess.Popen(
+        [sys.executable, str(script), marker], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        wait_until(lambda: len(list(tmp_path.glob("napping-*"))) == 2, timeout=20, what="two tasks running")
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=20)  # not 18 more tasks of 5 s on 2 workers
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "KeyboardInterrupt" in err, err
+    assert len(list(tmp_path.glob("napping-*"))) <= 6  # 2 interrupted, a few handed over already
+
