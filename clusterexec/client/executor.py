@@ -409,11 +409,8 @@ class ClusterExecutor(Executor):
         return str(broken) if broken is not None else False
 
     def __exit__(self, exc_type: type[BaseException] | None, exc_val: object, exc_tb: object) -> None:
-        """``shutdown(wait=True)``, as any Executor's; after a KeyboardInterrupt (a Ctrl-C) the
-        tasks that have not started are cancelled as well, so the program stops now rather than
-        run them first (the tasks running were interrupted with it)."""
-        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
-        self.shutdown(wait=True, cancel_futures=interrupted)
+        """``shutdown(wait=True)``; after a KeyboardInterrupt (Ctrl-C), with ``cancel_futures=True``."""
+        self.shutdown(wait=True, cancel_futures=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting tasks; with ``wait``, block until pending tasks are done and nodes closed.
