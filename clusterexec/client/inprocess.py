@@ -16,42 +16,14 @@ from typing import Any, cast
 from clusterexec.client.link import LinkState, NodeLink, SessionRequest
 from clusterexec.errors import ClusterError, NodeLostError, ProtocolError
 from clusterexec.launch.specs import NodeAddress
-from clusterexec.node.hosted import HostedNode
+from clusterexec.node.hosted import HostedNode, MessageQueue
 from clusterexec.wire.channel import Channel
 from clusterexec.wire.frames import Message
 from clusterexec.wire.messages import SESSION
 from clusterexec.wire.poller import Poller
-from clusterexec.wire.sealing import Buffer
 
 # The name of the local executor's node in errors, reports and ``ex.nodes``.
 HOSTED_NAME = "local"
-
-
-class Outbox:
-    """What the scheduler sends to a hosted node, until the link hands it over."""
-
-    sock = None  # no socket to write: handing over is the flush
-
-    def __init__(self) -> None:
-        self.messages: list[Message] = []
-
-    def send(self, kind: int, body: Buffer = b"", buffers: Any = ()) -> None:
-        """Queue one message for the node's session."""
-        self.messages.append(Message(kind, body, buffers if type(buffers) is list else list(buffers)))
-
-    @property
-    def wants_write(self) -> bool:
-        """True while messages wait to be handed over."""
-        return bool(self.messages)
-
-    def take(self) -> list[Message]:
-        """Everything queued so far, oldest first."""
-        messages, self.messages = self.messages, []
-        return messages
-
-    def close(self) -> None:
-        """Drop what was not handed over."""
-        self.messages = []
 
 
 class HostedLink(NodeLink):
@@ -61,7 +33,7 @@ class HostedLink(NodeLink):
     def __init__(self, request: SessionRequest, workers: int, compression: str | None = None) -> None:
         super().__init__(NodeAddress("localhost", 0), None, request, workers, name=HOSTED_NAME, compression=compression)
         self.node: HostedNode | None = None
-        self._outbox = Outbox()
+        self._outbox = MessageQueue()
         self._poller: Poller | None = None
         self._timer_at: Callable[[float], None] = _no_timer
 
@@ -76,7 +48,7 @@ class HostedLink(NodeLink):
         self.attempts += 1
         self.deadline = now + self.connect_timeout
         self.node = HostedNode(self._poller, self._wanted_workers or 1, self._timer_at)
-        self._outbox = Outbox()
+        self._outbox = MessageQueue()
         self.channel = cast(Channel, self._outbox)
         body, buffers = self._request.message(self._wanted_workers, self.compression)
         self._outbox.send(SESSION, body, buffers)

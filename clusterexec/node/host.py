@@ -90,6 +90,12 @@ def exit_report(pid: int, status: int, maxrss_kb: int) -> dict[str, object]:
     }
 
 
+def default_max_processes(workers: int) -> int:
+    """The default bound on a node's worker processes: twice its run slots, and at least 4 more
+    (room for other sessions' idle workers, so slots can move between sessions without a fork)."""
+    return max(2 * workers, workers + 4)
+
+
 def node_facts(started: float, cloudpickle_version: str) -> dict[str, object]:
     """What a node says of itself to its clients (WELCOME, STATUS): host, pid, versions and when
     it started (``started``, a date)."""

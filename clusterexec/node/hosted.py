@@ -26,7 +26,14 @@ from typing import Any, cast
 
 import cloudpickle
 
-from clusterexec.node.host import NodeHost, WorkerOwner, WorkerProcess, node_facts, status_report
+from clusterexec.node.host import (
+    NodeHost,
+    WorkerOwner,
+    WorkerProcess,
+    default_max_processes,
+    node_facts,
+    status_report,
+)
 from clusterexec.node.session import Session, SessionState
 from clusterexec.node.slots import RunSlots
 from clusterexec.node.workers import WorkerIO, spawn_worker
@@ -46,18 +53,24 @@ def can_host() -> bool:
     return hasattr(os, "pidfd_open")
 
 
-class ClientQueue:
-    """The session's channel to its client, in memory: what the session sends waits here until
-    the client's I/O thread takes it. It has no socket and no backlog."""
+class MessageQueue:
+    """A channel in memory, between the hosted session and its client: what one side sends
+    waits here until the other takes it. It has no socket to write and no backlog."""
 
+    sock = None  # no socket: taking the messages is the flush
     backlog = 0
 
     def __init__(self) -> None:
         self.messages: list[Message] = []
 
     def send(self, kind: int, body: Buffer = b"", buffers: Any = ()) -> None:
-        """Queue one message for the client."""
+        """Queue one message."""
         self.messages.append(Message(kind, body, buffers if type(buffers) is list else list(buffers)))
+
+    @property
+    def wants_write(self) -> bool:
+        """True while messages wait to be taken."""
+        return bool(self.messages)
 
     def take(self) -> list[Message]:
         """Everything queued so far, oldest first."""
@@ -65,7 +78,8 @@ class ClientQueue:
         return messages
 
     def close(self) -> None:
-        """Nothing to close."""
+        """Drop what was not taken."""
+        self.messages = []
 
 
 class HostedNode(NodeHost):
@@ -77,7 +91,7 @@ class HostedNode(NodeHost):
     # Four times a node's: the client's loop is also the node's, so a worker is written to and
     # read from once per turn of a busier loop; deeper pipelines of tiny tasks keep its workers
     # fed with fewer system calls per task. Only tasks of the function a worker has just run in
-    # under a millisecond queue on it, about 2 ms of them at most (see Session.dispatch).
+    # under a millisecond queue on it, about 2 ms of them at most (see WorkerPool.pipelines).
     pipeline = 16
     # As ProcessPoolExecutor's, the local executor's workers stay until it shuts down: a new
     # one is a new interpreter here, not a fork.
@@ -86,13 +100,13 @@ class HostedNode(NodeHost):
     def __init__(self, poller: Poller, workers: int, timer_at: Callable[[float], None]) -> None:
         self.poller = poller
         self.slots = RunSlots(workers)
-        self.max_processes = max(2 * workers, workers + 4)  # as a node's default (node/server.py)
+        self.max_processes = default_max_processes(workers)
         self._timer_at = timer_at
         self.dirty: set[Channel] = set()
         self.worker_io = WorkerIO(
             poller, self.want_write, self._forget, timer_at, self._end_session, own_pids_only=True
         )
-        self.queue = ClientQueue()
+        self.queue = MessageQueue()  # the session's messages to its client
         self._client_channel = cast(Channel, self.queue)
         self.session = Session(self, self._client_channel, f"this process ({os.getpid()})", workers)
         self.ended = ""  # why the session ended, once it has

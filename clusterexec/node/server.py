@@ -33,6 +33,7 @@ from clusterexec.node.host import (
     NodeHost,
     WorkerOwner,
     WorkerProcess,
+    default_max_processes,
     node_facts,
     status_report,
 )
@@ -79,12 +80,6 @@ class NodeConfig:
     exit_with_stdin: bool = False
     tls: ssl.SSLContext | None = None
     client_timeout: float = CLIENT_TIMEOUT
-
-
-def default_max_processes(workers: int) -> int:
-    """The default bound on a node's worker processes: twice its run slots, and at least 4 more
-    (room for other sessions' idle workers, so slots can move between sessions without a fork)."""
-    return max(2 * workers, workers + 4)
 
 
 def is_loopback(host: str) -> bool:
