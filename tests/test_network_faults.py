@@ -574,7 +574,7 @@ while True:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("count", [1000, 2000])
+@pytest.mark.parametrize("count", [1000, 2000, 3500])
 def test_idle_connections_that_never_authenticate_do_not_crowd_out_a_key_holder(net: Net, count: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < count + 200:

@@ -37,6 +37,7 @@ log = logging.getLogger("clusterexec.node")
 
 # Connections accepted per readiness event, so a flood of them cannot starve the sessions.
 ACCEPT_BATCH = 64
+LISTEN_BACKLOG = 4096
 # Connections still in their handshake, at most: in all, and from one peer address.
 MAX_PENDING = 256
 MAX_PENDING_PER_PEER = 64
@@ -135,7 +136,11 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError:
         sock.close()
         raise
-    sock.listen(512)
+    # The kernel caps the backlog at net.core.somaxconn (4096 on current kernels). A full
+    # accept queue drops new SYNs, and a dropped SYN costs the peer a 1 s retransmission:
+    # with a short queue, a flood of idle connections that reopen as they are evicted keeps
+    # it full and delays every key holder by a second.
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
