@@ -115,3 +115,25 @@ def test_pickle_packages_finds_what_a_pickle_names(protocol: int) -> None:
 @given(st.binary(max_size=400))
 def test_pickle_packages_never_raises_on_garbage(data: bytes) -> None:
     assert isinstance(pickle_packages(data), list)
+
+
+def test_a_node_reads_a_package_version_again_once_its_file_changes(tmp_path: Path, monkeypatch) -> None:
+    """``installed_version`` (what a node's WELCOME says of cloudpickle) is cached per file and
+    read again when the package is upgraded under a running node."""
+    from clusterexec.node.server import installed_version
+
+    name = "cevertestcached"
+    package = tmp_path / name
+    package.mkdir()
+    init = package / "__init__.py"
+    init.write_text("__version__ = '1.0'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert name not in sys.modules
+    assert installed_version(name) == "1.0"
+    assert installed_version(name) == "1.0"
+    init.write_text("__version__ = '2.0.1'\n")  # another size: seen even within one mtime tick
+    assert installed_version(name) == "2.0.1"
+    init.unlink()
+    package.rmdir()
+    assert installed_version(name) == "not installed"
+    assert name not in sys.modules

@@ -420,18 +420,37 @@ class Node(NodeHost):
         self.worker_io.reap_dying(within=3.0)
 
 
+# name -> (the module's file, its (mtime, size), the version read from it)
+_versions: dict[str, tuple[str, tuple[int, int], str]] = {}
+
+
 def installed_version(name: str) -> str:
     """The version of an installed package, read without importing it when it is not loaded
-    yet (a node reports cloudpickle's version but only its workers may ever need the module)."""
+    yet (a node reports cloudpickle's version but only its workers may ever need the module).
+    The file is found once and read again only when it changes (an upgrade under a running
+    node): a WELCOME costs a stat, not an import-system search."""
     module = sys.modules.get(name)
     if module is not None:
         return str(getattr(module, "__version__", "unknown"))
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        return "not installed"
+    known = _versions.get(name)
+    origin = known[0] if known else None
+    if origin is None:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            return "not installed"
+        origin = spec.origin
     try:
-        with open(spec.origin, encoding="utf-8") as source:
+        stat = os.stat(origin)
+        mark = (stat.st_mtime_ns, stat.st_size)
+        if known and known[1] == mark:
+            return known[2]
+        with open(origin, encoding="utf-8") as source:
             found = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""", source.read(), re.MULTILINE)
     except OSError:
-        found = None
-    return found.group(1) if found else "unknown"
+        if known:  # moved or removed since: search again
+            del _versions[name]
+            return installed_version(name)
+        return "unknown"
+    version = found.group(1) if found else "unknown"
+    _versions[name] = (origin, mark, version)
+    return version

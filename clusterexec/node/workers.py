@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
+
+# Standard modules that cloudpickle imports and the node itself does not use. The node loads
+# them so that every worker it forks has them already: a worker's first task then costs about
+# 4 ms of CPU less (mostly the regular expressions platform compiles as it loads), 10.5 ms
+# against 6 ms measured. The node still never imports cloudpickle.
+import platform  # noqa: F401
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid  # noqa: F401  (see platform above)
 from collections.abc import Callable
 from typing import Any
 
