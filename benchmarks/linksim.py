@@ -39,8 +39,9 @@ DEFAULT_WINDOW = 4 << 20
 # SO_LINGER on with a zero timeout: close() sends RST instead of FIN.
 RESET_LINGER = struct.pack("ii", 1, 0)
 # Deliveries due within FINE seconds are waited for in sleeps of TICK between polls, not by
-# epoll, whose timeouts are whole milliseconds.
-FINE = 0.001
+# epoll: its timeouts are whole milliseconds, rounded up, and on this VM it wakes 0.2 ms late
+# after a wait of 8 ms or more (measured), so a 10 ms link took 10.4 ms one way.
+FINE = 0.002
 TICK = 0.0001
 # What a direction delivers besides bytes: the source's end of stream, or a reset.
 EOF = "eof"
@@ -286,8 +287,9 @@ class LinkSimulator:
 
     def _wait(self) -> list[tuple[selectors.SelectorKey, int]]:
         """Wait for a socket or the next delivery. epoll's timeouts are whole milliseconds,
-        rounded up, so a delivery due in 0.2 ms would leave up to 1 ms late: wait in epoll until
-        :data:`FINE` before it, then poll between sleeps of :data:`TICK`."""
+        rounded up, so a delivery due in 0.2 ms would leave up to 1 ms late, and a long wait
+        ends late: wait in epoll until :data:`FINE` before it, then poll between sleeps of
+        :data:`TICK`."""
         if not self._timers:
             return self._selector.select(None)
         timeout = self._timers[0][0] - time.monotonic()
