@@ -40,3 +40,33 @@ def test_quick_benchmark_reports_figures_and_ratios() -> None:
         for executor in ("loky", "dask"):
             # Measured when importable, otherwise skipped with a note saying why.
             assert results[executor]["value"] is not None or results[executor]["note"], (name, executor)
+
+
+@pytest.mark.timeout(240)
+def test_quick_network_benchmark_reports_every_workload() -> None:
+    """``benchmarks/network.py --quick``: every workload runs through the link simulator and
+    reports its figure (the figures themselves never gate)."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "network.py"), "--quick", "--json"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=200, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"benchmarks/network.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    report = json.loads(proc.stdout)
+    figures = {
+        "delay": ("ratio_2ms_rtt", "ratio_20ms_rtt"),
+        "short": ("over_ideal",),
+        "lognormal": ("of_ideal", "greedy_of_ideal"),
+        "many": ("ratio_64_to_2",),
+        "connect": ("seconds_to_first_result",),
+    }
+    assert set(figures) | {"uneven", "latency"} <= set(report)
+    for workload, keys in figures.items():
+        for key in keys:
+            value = report[workload][key]
+            assert isinstance(value, float) and value > 0, (workload, key, value)
+    for nodes in ("16_nodes", "32_nodes"):
+        assert 0 < report["uneven"][nodes]["efficiency"] <= 1.0, report["uneven"]
+    assert report["connect"]["nodes_ready"] == 128
+    for link in ("1 ms", "10 ms"):
+        latency = report["latency"][link]
+        # The task's round trip crosses the same link as the echo: never shorter than the delay set.
+        assert latency["median_ms"] >= 2 * float(link.split()[0]), latency
+        assert latency["link_rtt_ms"] >= 2 * float(link.split()[0]), latency
