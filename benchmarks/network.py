@@ -60,8 +60,8 @@ from clusterexec import ClusterExecutor  # noqa: E402
 
 READY = b"listening on "
 
-FULL = {"tiny": 2000, "lognormal_tasks": 1000, "many_tiny": 4000, "rounds": 3, "many_rounds": 5}
-QUICK = {"tiny": 600, "lognormal_tasks": 1000, "many_tiny": 1500, "rounds": 1, "many_rounds": 1}
+FULL = {"tiny": 2000, "lognormal_tasks": 1000, "many_tiny": 4000, "rounds": 5}
+QUICK = {"tiny": 600, "lognormal_tasks": 1000, "many_tiny": 1500, "rounds": 1}
 
 
 class Nodes:
@@ -225,8 +225,7 @@ def bench_many(sim: LinkSimulator, key_file: str, p: dict[str, int]) -> dict[str
     runs: dict[int, list[float]] = {2: [], 64: []}
     with cluster(sim, 2, key_file) as (few, _), cluster(sim, 64, key_file) as (many, _):
         with executor(few, key_file) as small, executor(many, key_file) as large:
-            # Both clusters stay up and take turns; five rounds, as this is the noisiest figure.
-            for _ in range(p["many_rounds"]):
+            for _ in range(p["rounds"]):  # both clusters stay up and take turns
                 runs[2].append(tiny_rate(small, p["many_tiny"]))
                 runs[64].append(tiny_rate(large, p["many_tiny"]))
     rates = {count: statistics.median(r) for count, r in runs.items()}
