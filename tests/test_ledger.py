@@ -241,3 +241,25 @@ def test_tasks_sent_ahead_can_be_withdrawn_newest_first_until_they_start() -> No
         ledger.forget(t)  # the node gave them back
     assert ledger.withdrawing == 2 and set(ledger.ahead) == {ahead[0].task_id, ahead[1].task_id}
     assert not ledger.reset() or ledger.withdrawing == 0
+
+
+def test_of_two_nodes_whose_oldest_tasks_waited_alike_the_one_with_more_ahead_waits_longer() -> None:
+    """The idle worker's choice: the newest task ahead on a node with two waits longer than the
+    only one on a node whose oldest task was sent at the same time."""
+    one, two = NodeLedger(), NodeLedger()
+    for ledger, count in ((one, 1), (two, 2)):
+        for _ in range(count):
+            sent = task()
+            sent.state = TaskState.SENT
+            ledger.record_sent(sent, now=10.0)
+    assert two.queued_seconds(10.6) > one.queued_seconds(10.6) == pytest.approx(0.6)
+
+
+def test_a_task_given_to_a_node_is_never_withdrawn_from_it() -> None:
+    """``submit_to``: the task is the node's; an idle worker elsewhere may not take it back."""
+    ledger = NodeLedger()
+    pinned = task()
+    pinned.target = object()  # type: ignore[assignment]  # the link it was given to
+    pinned.state = TaskState.SENT
+    ledger.record_sent(pinned)
+    assert ledger.to_withdraw(1) == [] and ledger.queued_seconds(100.0) == 0.0

@@ -9,12 +9,17 @@ blocks: each task runs exactly once (a marker file per run), and none on the blo
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import helpers
 import pytest
+from conftest import wait_until
 
 from clusterexec import ClusterExecutor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from linksim import LinkSimulator  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,3 +64,67 @@ def test_a_withdrawn_task_is_still_cancellable_and_ends_once(
                 assert future.cancelled()
             else:
                 assert future.result(timeout=30) == i * i
+
+
+def test_tasks_given_to_a_node_with_submit_to_are_never_taken_back_for_another_node(
+    node_factory, key_file: Path, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """An idle worker takes back tasks sent ahead to a busy node, but not those pinned to it:
+    ``submit_to(node)`` means that node, even while its worker is held by a long task."""
+    nodes = [node_factory("--workers", "1", "--key-file", str(key_file)) for _ in range(2)]
+    busy = nodes[0].address
+    started, release = tmp_path / "started", tmp_path / "release"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    with ClusterExecutor([n.address for n in nodes], key_file=key_file) as ex:
+        blocked = ex.submit_to(busy, helpers.block_pid, str(started), str(release))
+        helpers.wait_for_file(str(started))
+        pinned = [ex.submit_to(busy, helpers.write_marker, str(markers / f"pinned-{i}")) for i in range(4)]
+        # The other node's worker goes idle again and again, each time looking for tasks sent
+        # ahead that it could take back; a taken-back task would run before the next probe.
+        for i in range(5):
+            quick = [ex.submit(helpers.write_marker, str(tmp_path / f"quick-{i}-{j}")) for j in range(10)]
+            for future in quick:
+                future.result(timeout=30)
+        assert not any(f.done() for f in pinned)
+        assert os.listdir(markers) == [], "a task given to the busy node ran elsewhere"
+        release.touch()
+        blocked_pid = blocked.result(timeout=30)
+        assert {int(Path(f.result(timeout=30)).read_text()) for f in pinned} == {blocked_pid}
+
+
+def test_two_idle_workers_both_take_back_from_a_node_that_answers_slowly(
+    node_factory, key_file: Path, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """Two nodes go idle at once while a third, behind a 250 ms one-way link, holds two tasks
+    sent ahead of its blocked worker. The first idle node asks for one; the node asked is passed
+    over until it answers, so the second finds nothing to ask for then. The answer must send it
+    looking again: both tasks start on the idle nodes while the slow node's worker is still
+    blocked. (Heartbeats every 60 s: no other report would wake the second idle node.)"""
+    slow, a, b = (node_factory("--workers", "1", "--key-file", str(key_file)) for _ in range(3))
+    release_slow, release_gates, release_tasks = (tmp_path / name for name in ("slow", "gates", "tasks"))
+    with LinkSimulator() as sim:
+        link = sim.link(slow.address, delay=0.25)
+        addresses = [link.address, a.address, b.address]
+        with ClusterExecutor(addresses, key_file=key_file, heartbeat_interval=60, heartbeat_timeout=120) as ex:
+            futures = [ex.submit_to(link.address, helpers.block, str(tmp_path / "slow-started"), str(release_slow))]
+            futures += [
+                ex.submit_to(node, helpers.block, str(tmp_path / f"gate-{i}"), str(release_gates))
+                for i, node in enumerate((a.address, b.address))
+            ]
+            for started in ("slow-started", "gate-0", "gate-1"):
+                helpers.wait_for_file(str(tmp_path / started))
+            # Tasks given to the fast nodes fill what they may hold, so the next two can only be
+            # sent ahead to the slow node.
+            futures += [ex.submit_to(node, helpers.square, i) for node in (a.address, b.address) for i in range(30)]
+            held = [ex.submit(helpers.block, str(tmp_path / f"task-{i}"), str(release_tasks), i) for i in range(2)]
+            wait_until(lambda: ex.stats().nodes[link.address].queued == 2, 30, "two tasks sent to the slow node")
+            release_gates.touch()  # both fast nodes run their tasks, then go idle together
+            for i in range(2):
+                helpers.wait_for_file(str(tmp_path / f"task-{i}"), timeout=15)
+            assert not futures[0].done()  # the slow node's worker is still blocked
+            release_tasks.touch()
+            release_slow.touch()
+            assert [f.result(timeout=30) for f in held] == [0, 1]
+            for future in futures:
+                future.result(timeout=30)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 from clusterexec.client.ledger import NodeLedger
 from clusterexec.client.link import LinkState, NodeLink
@@ -29,6 +30,9 @@ from clusterexec.wire.messages import (
     pack_ids,
 )
 
+# The soonest an idle node looks again for a task sent ahead that is not yet worth taking back.
+RECHECK_MIN = 0.001
+
 
 class Dispatcher:
     """Sends queued and pinned tasks to ready nodes, as far as their capacity goes, and takes
@@ -40,7 +44,11 @@ class Dispatcher:
     """
 
     def __init__(
-        self, book: TaskBook, nodes: list[tuple[NodeLink, NodeLedger]], preload: tuple[ModuleSource, ...]
+        self,
+        book: TaskBook,
+        nodes: list[tuple[NodeLink, NodeLedger]],
+        preload: tuple[ModuleSource, ...],
+        timer_at: Callable[[float], None] = lambda when: None,
     ) -> None:
         self.book = book
         self.nodes = nodes
@@ -52,6 +60,14 @@ class Dispatcher:
         # Nodes holding tasks sent ahead of their free workers (some may have started since):
         # where an idle worker looks for tasks to take back.
         self.holding: dict[NodeLink, NodeLedger] = {}
+        # Nodes asked for tasks back and not yet answered, and nodes with a free worker when
+        # they last reported: an answer sends those looking again.
+        self.asked: dict[NodeLink, NodeLedger] = {}
+        self.idle: dict[NodeLink, NodeLedger] = {}
+        # When the idle nodes look again because a task sent ahead will have waited long enough
+        # to be worth taking back (0: no such time); ``timer_at`` wakes the I/O thread by then.
+        self.recheck_at = 0.0
+        self._timer_at = timer_at
         self.now = 0.0
 
     def touch(self, link: NodeLink, ledger: NodeLedger) -> None:
@@ -68,7 +84,7 @@ class Dispatcher:
         self.now = now or time.monotonic()
         queue = self.book.queue
         if not queue and not self.book.pinned_waiting:
-            if self.fresh:
+            if self.fresh or (self.recheck_at and self.now >= self.recheck_at):
                 self._rebalance()
             return
         hungry = self.hungry
@@ -102,20 +118,34 @@ class Dispatcher:
     def _rebalance(self) -> None:
         """No worker idles while a task sent ahead to another node has not started: for each
         node that just reported with a free worker, ask the busiest node for tasks it has not
-        started (CANCEL; the node answers with those it took back, which go to the queue)."""
+        started (CANCEL; the node answers with those it took back, which go to the queue).
+
+        A node asked already is passed over until it answers, and an answer may hold nothing
+        (the tasks had started): each answer sends every node still idle looking again."""
         fresh, self.fresh = self.fresh, {}
+        answered = [link for link, ledger in self.asked.items() if not ledger.withdrawing]
+        for link in answered:
+            del self.asked[link]
+        if answered or (self.recheck_at and self.now >= self.recheck_at):
+            self.recheck_at = 0.0
+            fresh.update(self.idle)
         for link, ledger in fresh.items():
-            idle = link.workers - len(ledger.inflight)
-            if idle <= 0 or link.state is not LinkState.READY:
+            if link.workers > len(ledger.inflight) and link.state is LinkState.READY:
+                self.idle[link] = ledger
+            else:
+                self.idle.pop(link, None)
+        for link, ledger in fresh.items():
+            if link not in self.idle:
                 continue
             victim = self._busiest(link, ledger)
             if victim is None:
                 return  # nothing sent ahead anywhere is worth taking back
             victim_link, victim_ledger = victim
-            tasks = victim_ledger.to_withdraw(idle)
+            tasks = victim_ledger.to_withdraw(link.workers - len(ledger.inflight))
             if tasks and victim_link.channel is not None:
                 victim_link.channel.send(CANCEL, pack_ids([task.task_id for task in tasks]))
                 self.book.dirty[victim_link] = victim_ledger
+                self.asked[victim_link] = victim_ledger
 
     def _busiest(self, thief: NodeLink, thief_ledger: NodeLedger) -> tuple[NodeLink, NodeLedger] | None:
         """The node whose tasks sent ahead wait longest, if taking one back beats waiting: the
@@ -131,7 +161,15 @@ class Dispatcher:
             wait = ledger.queued_seconds(self.now)
             if wait > best_wait:
                 best, best_wait = (link, ledger), wait
-        if best is None or best_wait <= best[1].rtt + 2 * thief_ledger.rtt:
+        if best is None:
+            return None
+        threshold = best[1].rtt + 2 * thief_ledger.rtt
+        if best_wait <= threshold:
+            # Not yet: its wait grows by a second per second for each of its tasks ahead.
+            when = self.now + max(RECHECK_MIN, (threshold - best_wait) / len(best[1].ahead))
+            if not self.recheck_at or when < self.recheck_at:
+                self.recheck_at = when
+                self._timer_at(when)
             return None
         return best
 

@@ -49,7 +49,8 @@ class NodeLedger:
         self.preloaded = False  # whether the session was sent the executor's preloaded modules
         self.status_waiters: list[Reply] = []
         # Tasks sent ahead of the free workers and not known to have started: those can still be
-        # taken back (withdrawn) for an idle worker elsewhere. Oldest first.
+        # taken back (withdrawn) for an idle worker elsewhere. Oldest first. Never a task given
+        # with submit_to: it runs on its node or nowhere.
         self.ahead: dict[int, Task] = {}
         self.withdrawing = 0  # tasks asked back and not yet answered for
         # Of the node, across sessions: tasks given with submit_to wait here for it to come back.
@@ -99,7 +100,7 @@ class NodeLedger:
         holds the task's function already; otherwise the function must be sent, after FORGET for
         each digest returned (evicted to make room)."""
         task.sent_at = now
-        if task.state is TaskState.SENT:
+        if task.state is TaskState.SENT and task.target is None:
             self.ahead[task.task_id] = task
         digest = task.function.digest
         functions = self.functions
@@ -166,13 +167,15 @@ class NodeLedger:
         return tasks
 
     def queued_seconds(self, now: float) -> float:
-        """About how long the tasks sent ahead here will wait for a worker: what they would take
-        at the node's pace, or how long the oldest has waited already, whichever is longer (a
-        node whose workers are held by long tasks gives no pace to go by)."""
+        """About how long the newest task sent ahead here will wait for a worker: the tasks
+        ahead, one per interval between the node's results, where the interval is at least as
+        long as the oldest has waited already (a node whose workers are held by long tasks
+        gives no pace to go by). Of two nodes whose oldest tasks have waited alike, the one with
+        more tasks ahead keeps its last one waiting longer."""
         if not self.ahead:
             return 0.0
         oldest = next(iter(self.ahead.values()))
-        return max(len(self.ahead) * self.result_interval, now - oldest.sent_at)
+        return len(self.ahead) * max(self.result_interval, now - oldest.sent_at)
 
     def forget(self, task: Task) -> None:
         """A task sent here is over (or withdrawn): it is no longer in flight, nor does it hold

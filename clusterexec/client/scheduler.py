@@ -75,7 +75,7 @@ class Scheduler:
         self._ledgers = {link: NodeLedger() for link in links}
         self._nodes = list(self._ledgers.items())
         self._book = TaskBook(self._ledgers, retries, reconnect_window)
-        self._dispatcher = Dispatcher(self._book, self._nodes, preload)
+        self._dispatcher = Dispatcher(self._book, self._nodes, preload, self._timer_at)
         self.output = output
         self.heartbeat_timeout = heartbeat_timeout
         self.reconnect_window = reconnect_window
@@ -317,6 +317,8 @@ class Scheduler:
 
     def _timers(self, now: float) -> float:
         timeout = 1.0
+        if self._dispatcher.recheck_at:  # idle workers look again for tasks to take back then
+            timeout = max(0.0, min(timeout, self._dispatcher.recheck_at - now))
         book = self._book
         if book.stopped_by:
             if now >= book.stop_deadline:
