@@ -263,3 +263,14 @@ def test_a_task_given_to_a_node_is_never_withdrawn_from_it() -> None:
     pinned.state = TaskState.SENT
     ledger.record_sent(pinned)
     assert ledger.to_withdraw(1) == [] and ledger.queued_seconds(100.0) == 0.0
+
+
+def test_tasks_ahead_become_worth_taking_back_once_the_oldest_has_waited_long_enough() -> None:
+    ledger = NodeLedger()
+    for now in (10.0, 10.5):
+        sent = task()
+        sent.state = TaskState.SENT
+        ledger.record_sent(sent, now=now)
+    when = ledger.worth_taking_back_at(3.0)
+    assert when == pytest.approx(11.5)  # two tasks ahead: the oldest has waited 1.5 s
+    assert ledger.queued_seconds(when - 0.01) < 3.0 <= ledger.queued_seconds(when + 0.01)

@@ -165,8 +165,8 @@ class Dispatcher:
             return None
         threshold = best[1].rtt + 2 * thief_ledger.rtt
         if best_wait <= threshold:
-            # Not yet: its wait grows by a second per second for each of its tasks ahead.
-            when = self.now + max(RECHECK_MIN, (threshold - best_wait) / len(best[1].ahead))
+            # Not yet: look again once it is (an earlier report may come first).
+            when = max(self.now + RECHECK_MIN, best[1].worth_taking_back_at(threshold))
             if not self.recheck_at or when < self.recheck_at:
                 self.recheck_at = when
                 self._timer_at(when)

@@ -177,6 +177,12 @@ class NodeLedger:
         oldest = next(iter(self.ahead.values()))
         return len(self.ahead) * max(self.result_interval, now - oldest.sent_at)
 
+    def worth_taking_back_at(self, threshold: float) -> float:
+        """When :meth:`queued_seconds` passes ``threshold`` if nothing else changes: the pace
+        stays, so once the oldest task ahead has waited ``threshold`` over the tasks ahead."""
+        oldest = next(iter(self.ahead.values()))
+        return oldest.sent_at + threshold / len(self.ahead)
+
     def forget(self, task: Task) -> None:
         """A task sent here is over (or withdrawn): it is no longer in flight, nor does it hold
         its function."""
