@@ -9,7 +9,9 @@ blocks: each task runs exactly once (a marker file per run), and none on the blo
 from __future__ import annotations
 
 import os
+import resource
 import sys
+import time
 from pathlib import Path
 
 import helpers
@@ -128,3 +130,24 @@ def test_two_idle_workers_both_take_back_from_a_node_that_answers_slowly(
             assert [f.result(timeout=30) for f in held] == [0, 1]
             for future in futures:
                 future.result(timeout=30)
+
+
+def test_a_recheck_that_falls_due_while_tasks_wait_in_the_client_does_not_spin_the_io_thread(
+    node_factory, key_file: Path  # type: ignore[no-untyped-def]
+) -> None:
+    """The dispatcher may ask to look again for tasks to take back at a later time. If that time
+    comes while tasks wait in the client's queue, it is consumed all the same: the I/O thread
+    must not wake at once, again and again, until the queue empties (it did: a whole core for
+    the rest of a map, `short` at 5x its ideal). The client's CPU stays small while it waits."""
+    node = node_factory("--workers", "1", "--key-file", str(key_file))
+    with ClusterExecutor([node.address], key_file=key_file) as ex:
+        assert ex.submit(helpers.square, 3).result(timeout=30) == 9
+        waiting = [ex.submit(time.sleep, 0.2) for _ in range(16)]  # more than the node may hold
+        wait_until(lambda: ex.stats().queued > 0, 30, "tasks waiting in the client")
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        ex._scheduler._dispatcher.recheck_at = time.monotonic()  # due now, with tasks queued
+        for future in waiting:
+            future.result(timeout=30)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 0.5, f"the client used {cpu:.2f}s of CPU while its tasks slept for about 3 s"

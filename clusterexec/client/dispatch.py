@@ -79,12 +79,15 @@ class Dispatcher:
         """Fill the nodes that may take more: first one task per free worker, round robin, then
         (with ``prefetch``) the tasks sent ahead. With nothing queued, take tasks sent ahead back
         from a busy node for an idle worker."""
+        self.now = now or time.monotonic()
+        if self.recheck_at and self.now >= self.recheck_at:
+            self.recheck_at = 0.0  # the idle nodes look again, as if they had just reported
+            self.fresh.update(self.idle)
         if self.book.stopped_by:
             return  # nothing is sent once the workers are stopped
-        self.now = now or time.monotonic()
         queue = self.book.queue
         if not queue and not self.book.pinned_waiting:
-            if self.fresh or (self.recheck_at and self.now >= self.recheck_at):
+            if self.fresh:
                 self._rebalance()
             return
         hungry = self.hungry
@@ -126,8 +129,7 @@ class Dispatcher:
         answered = [link for link, ledger in self.asked.items() if not ledger.withdrawing]
         for link in answered:
             del self.asked[link]
-        if answered or (self.recheck_at and self.now >= self.recheck_at):
-            self.recheck_at = 0.0
+        if answered:
             fresh.update(self.idle)
         for link, ledger in fresh.items():
             if link.workers > len(ledger.inflight) and link.state is LinkState.READY:
