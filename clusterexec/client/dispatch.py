@@ -39,8 +39,9 @@ class Dispatcher:
     tasks sent ahead back from a busy node for an idle worker elsewhere.
 
     It looks only at the nodes that may take more (``hungry``) or that just reported (``fresh``),
-    never at every node per task: the client's cost per task does not grow with the number of
-    nodes.
+    and, once the queue is empty, at those left with a free worker (``idle``) when a node answers
+    for tasks taken back or a re-check falls due; never at every node per task: the client's
+    cost per task does not grow with the number of nodes.
     """
 
     def __init__(

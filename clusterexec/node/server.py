@@ -433,8 +433,9 @@ def installed_version(name: str) -> str:
     if module is not None:
         return str(getattr(module, "__version__", "unknown"))
     known = _versions.get(name)
-    origin = known[0] if known else None
-    if origin is None:
+    if known:
+        origin = known[0]
+    else:
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None:
             return "not installed"
